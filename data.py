@@ -1,0 +1,385 @@
+"""Benchmarks and their retrieval protocols: FIVR-5K / FIVR-200K, CC_WEB_VIDEO,
+EVVE and VCDB.
+
+Each benchmark class reads its annotation pickle (with the restricted
+unpickler of utils.py) and turns a query x database similarity matrix into the
+metrics the papers report, following the evaluators of ViSiL
+(MKLab-ITI/visil), DnS (mever-team/distill-and-select) and TCA
+(xwen99/temporal_context_aggregation). All of them score with the one
+`average_precision` function below, vectorised over numpy arrays instead of
+sorting a Python dict per query and per label set.
+
+The common protocol:
+  - rank the database by decreasing similarity; ties keep the column order,
+    as Python's stable `sorted(..., reverse=True)` does upstream;
+  - only the videos that have results count (the "available" subset): a
+    relevant video without a result is not counted in the denominator, a
+    database id unknown to the benchmark is counted, reported and ignored;
+  - a benchmark query missing from the results is reported and ignored; a
+    query whose relevant set is empty is reported and skipped;
+  - NaN similarities mean "not computed" and are never ranked.
+Per-benchmark details (and where we depart from upstream) are in each class.
+"""
+import os
+
+import numpy as np
+
+from utils import UserError, load_pickle
+
+DOWNLOAD_HINT = "see datasets/README.md for where to download the annotation files (or pass --annotation_dir)"
+
+
+# --------------------------------------------------------------------------
+# the metric: one function for every benchmark
+
+def average_precision(similarities, relevant, ranked, trapezoid=False, num_relevant=None):
+    """Average precision of each query.
+
+    similarities: (Q, D) scores, higher = more similar; NaN = not computed.
+    relevant: (Q, D) bool, the relevant videos of each query. All of them
+        form the denominator: a relevant video that is not ranked counts as
+        never retrieved (FIVR keeps a self-annotated query this way).
+    ranked: (Q, D) or (D,) bool, the videos ranked for each query.
+    trapezoid: EVVE's official AP (trapezoid rule on the precision-recall
+        curve, `score_ap_from_ranks_1` upstream) instead of the usual
+        non-interpolated AP (mean of the precision at each relevant video).
+    num_relevant: (Q,) denominators, default relevant.sum(1). CC_WEB_VIDEO
+        counts annotated positives that have no result, as upstream does.
+    Returns (Q,) float64, NaN where a query has no relevant video.
+    """
+    similarities = np.asarray(similarities)
+    relevant = np.broadcast_to(np.asarray(relevant, dtype=bool), similarities.shape)
+    ranked = np.broadcast_to(np.asarray(ranked, dtype=bool), similarities.shape)
+    if num_relevant is None:
+        num_relevant = relevant.sum(1)
+    ap = np.full(similarities.shape[0], np.nan)
+    for i in range(similarities.shape[0]):  # Q is small (<= a few thousand); each row is vectorised
+        if num_relevant[i] == 0:
+            continue
+        keep = ranked[i] & ~np.isnan(similarities[i])
+        scores = similarities[i][keep]                         # (N,) in column order
+        ranks = _ranks_of(scores, np.flatnonzero(relevant[i][keep]))  # 0-based, ascending
+        hits = np.arange(1, len(ranks) + 1)                    # relevant videos retrieved so far
+        precision = hits / (ranks + 1)
+        if trapezoid:
+            # precision just before each hit; 1 at rank 0 as in the EVVE code
+            precision_before = np.where(ranks == 0, 1.0, (hits - 1) / np.maximum(ranks, 1))
+            precision = (precision + precision_before) / 2
+        ap[i] = precision.sum() / num_relevant[i]
+    return ap
+
+
+def _ranks_of(scores, positions):
+    """0-based ranks, sorted, of scores[positions] in the ranking of `scores`
+    by decreasing value, ties in index order."""
+    if len(positions) == 0:
+        return np.zeros(0, dtype=np.int64)
+    values = scores[positions]
+    sorted_scores = np.sort(scores)  # an unstable value sort is ~20x faster than a stable argsort
+    above = np.searchsorted(sorted_scores, values, side="right")
+    below = np.searchsorted(sorted_scores, values, side="left")
+    if np.all(above - below == 1):  # no relevant video shares its score: rank = number of higher scores
+        return np.sort(len(scores) - above)
+    order = np.argsort(-scores, kind="stable")  # ties: exact upstream order
+    rank = np.empty(len(scores), dtype=np.int64)
+    rank[order] = np.arange(len(scores))
+    return np.sort(rank[positions])
+
+
+# --------------------------------------------------------------------------
+# benchmarks
+
+def annotation_path(annotation_dir, filename):
+    path = os.path.join(annotation_dir, filename)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: annotation file not found; {DOWNLOAD_HINT}")
+    return path
+
+
+class Benchmark:
+    """Base class. Subclasses set `name`, `queries` and `database` (video id
+    lists, deterministic order), `metric_names`, and implement `_evaluate`."""
+    name = ""
+    metric_names = ()  # as printed in the table
+    metric_keys = ()   # as written by --json_out
+
+    def canonical(self, video_id):
+        """The id under which the annotation knows `video_id`."""
+        return video_id
+
+    def feature_keys(self, video_id):
+        """Keys under which a feature file may store `video_id`."""
+        return [video_id]
+
+    def evaluate(self, query_ids, database_ids, similarities, log=print):
+        """query_ids (Q,), database_ids (D,), similarities (Q, D) -> metrics dict.
+        Reports missing queries and unknown ids through `log`."""
+        similarities = np.asarray(similarities)
+        if similarities.ndim != 2 or similarities.shape != (len(query_ids), len(database_ids)):
+            raise UserError(f"similarities of shape {similarities.shape} do not match "
+                            f"{len(query_ids)} queries x {len(database_ids)} database videos")
+        query_ids = [self.canonical(str(q)) for q in query_ids]
+        database_ids = [self.canonical(str(v)) for v in database_ids]
+        for kind, ids in (("query", query_ids), ("database", database_ids)):
+            if len(set(ids)) != len(ids):
+                raise UserError(f"the results list some {kind} ids twice (after id normalisation)")
+
+        row_of = {q: i for i, q in enumerate(query_ids)}
+        queries = [q for q in self.queries if q in row_of]
+        known_queries = set(self.queries)
+        log(f"{self.name}: {len(queries)} of {len(self.queries)} queries, "
+            f"{sum(v in self._database_set for v in database_ids)} of {len(self.database)} database videos")
+        if len(queries) < len(self.queries):
+            log(f"warning: {len(self.queries) - len(queries)} queries are missing from the results and are ignored")
+        unknown = sum(q not in known_queries for q in query_ids)
+        if unknown:
+            log(f"warning: {unknown} query ids are not {self.name} queries and are ignored")
+        in_database = np.array([v in self._database_set for v in database_ids], dtype=bool)  # (D,)
+        if not in_database.all():
+            log(f"warning: {np.count_nonzero(~in_database)} database ids are not in the "
+                f"{self.name} database and are ignored")
+        if not queries:
+            raise UserError(f"none of the {self.name} queries is in the results")
+        column_of = {v: j for j, v in enumerate(database_ids) if in_database[j]}
+        scores = similarities[[row_of[q] for q in queries]]  # (Q', D)
+        return self._evaluate(queries, column_of, in_database, scores, log)
+
+    @staticmethod
+    def _relevance(queries, column_of, num_columns, relevant_ids):
+        """(Q, D) bool mask of relevant_ids(query) restricted to the available columns."""
+        relevant = np.zeros((len(queries), num_columns), dtype=bool)
+        for i, q in enumerate(queries):
+            relevant[i, [column_of[v] for v in relevant_ids(q) if v in column_of]] = True
+        return relevant
+
+    @staticmethod
+    def _mean(ap, queries, what, log):
+        """Mean AP over the queries with a relevant set; the others are reported."""
+        empty = [q for q, a in zip(queries, ap) if np.isnan(a)]
+        if empty:
+            log(f"warning: {what}: {len(empty)} queries have no relevant video among the results "
+                f"and are skipped ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''})")
+        return float(np.nanmean(ap)) if len(empty) < len(ap) else float("nan")
+
+    def table(self, metrics):
+        """The metrics as the paper's table row: a header line and a value line."""
+        header = " ".join(f"{m:>10}" for m in self.metric_names)
+        values = " ".join(f"{metrics[k]:>10.4f}" for k in self.metric_keys)
+        return f"{header}\n{values}"
+
+
+class FIVR(Benchmark):
+    """FIVR-5K / FIVR-200K (Kordopatis-Zilos et al. 2019), DnS's `fivr.pickle`.
+
+    Three tasks, each a set of relevant labels: DSVR = {ND, DS},
+    CSVR = {ND, DS, CS}, ISVR = {ND, DS, CS, IS}. The query is never ranked.
+    As upstream, a query annotated as relevant to itself stays in its
+    relevant set (one FIVR query, eCrhXArKE24, is labelled IS to itself).
+    """
+    TASKS = {"DSVR": ("ND", "DS"), "CSVR": ("ND", "DS", "CS"), "ISVR": ("ND", "DS", "CS", "IS")}
+    metric_names = metric_keys = ("DSVR", "CSVR", "ISVR")
+
+    def __init__(self, version="200k", annotation_dir="datasets"):
+        path = annotation_path(annotation_dir, "fivr.pickle")
+        data = load_pickle(path)
+        try:
+            self.annotation = data["annotation"]
+            self.queries = [str(q) for q in data[version]["queries"]]
+            # a set in the pickle: sort it, so the column order (and tie order) is reproducible
+            self.database = sorted(str(v) for v in data[version]["database"])
+        except (KeyError, TypeError):
+            raise UserError(f"{path}: not a FIVR annotation file (expected keys 'annotation' and "
+                            f"'{version}' with 'queries' and 'database'); {DOWNLOAD_HINT}") from None
+        self.name = f"FIVR-{version.upper()}"
+        self._database_set = set(self.database)
+
+    def _evaluate(self, queries, column_of, in_database, scores, log):
+        ranked = np.broadcast_to(in_database, scores.shape).copy()  # (Q, D)
+        for i, q in enumerate(queries):
+            if q in column_of:
+                ranked[i, column_of[q]] = False  # skip the query itself
+        metrics = {}
+        for task, labels in self.TASKS.items():
+            gt = lambda q: [v for label in labels for v in self.annotation.get(q, {}).get(label, ())]
+            relevant = self._relevance(queries, column_of, scores.shape[1], gt)
+            metrics[task] = self._mean(average_precision(scores, relevant, ranked), queries, task, log)
+        return metrics
+
+
+class CC_WEB_VIDEO(Benchmark):
+    """CC_WEB_VIDEO (Wu et al. 2007): 24 queries, 13,129 videos.
+
+    Reads ViSiL's `cc_web_video.pickle` (ids '1/1_1_Y') or, if absent, TCA's
+    `cc_web_video_tca.pickle` (ids '1_1_Y'); results may use either id style.
+    Positives are the labels E, S, L, M, V of the query's set; as upstream,
+    every annotated positive counts in the denominator, with or without a
+    result (one positive of query set 4 has no id in the annotation's index,
+    so even complete results cannot reach AP 1 on it). Four variants:
+      cc_web      ranks only the videos annotated for the query's set;
+      cc_web_star ranks the whole collection (CC_WEB*);
+      *_c         "clean": each query's `excluded` videos are neither ranked
+                  nor counted as positives.
+    As upstream, the query itself is ranked (it is labelled E in its own set).
+    """
+    POSITIVE_LABELS = frozenset("ESLMV")
+    metric_names = ("cc_web", "cc_web*", "cc_web_c", "cc_web*_c")
+    metric_keys = ("cc_web", "cc_web_star", "cc_web_c", "cc_web_star_c")
+    name = "CC_WEB_VIDEO"
+
+    def __init__(self, annotation_dir="datasets"):
+        path = os.path.join(annotation_dir, "cc_web_video.pickle")
+        if not os.path.isfile(path) and os.path.isfile(os.path.join(annotation_dir, "cc_web_video_tca.pickle")):
+            path = os.path.join(annotation_dir, "cc_web_video_tca.pickle")
+        data = load_pickle(annotation_path(*os.path.split(path)))
+        try:
+            # ViSiL: 'index' maps '1/1_1_Y' -> number; TCA: 'vid2index' maps '1_1_Y' -> number
+            index = data["vid2index"] if "vid2index" in data else data["index"]
+            self.number = {self.canonical(str(k)): int(n) for k, n in index.items()}
+            self.queries = [str(q) for q in data["queries"]]
+            self.ground_truth = [dict(g) for g in data["ground_truth"]]  # per query set: number -> label
+            self.excluded = [set(e) for e in data["excluded"]]           # per query set: numbers
+            self.database = sorted(index, key=lambda k: index[k])
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise UserError(f"{path}: not a CC_WEB_VIDEO annotation file; {DOWNLOAD_HINT}") from None
+        if not (len(self.queries) == len(self.ground_truth) == len(self.excluded)):
+            raise UserError(f"{path}: queries, ground_truth and excluded differ in length")
+        self.queries = [self.canonical(q) for q in self.queries]
+        self.database = [self.canonical(str(v)) for v in self.database]
+        self._database_set = set(self.database)
+        self._query_set = {q: i for i, q in enumerate(self.queries)}
+
+    def canonical(self, video_id):
+        return video_id.rsplit("/", 1)[-1]  # '1/1_1_Y' -> '1_1_Y'
+
+    def feature_keys(self, video_id):
+        video_id = self.canonical(video_id)
+        return [video_id, f"{video_id.split('_', 1)[0]}/{video_id}"]
+
+    def _evaluate(self, queries, column_of, in_database, scores, log):
+        number = np.full(scores.shape[1], -1, dtype=np.int64)  # (D,) annotation number of each column
+        for v, j in column_of.items():
+            number[j] = self.number[v]
+        size = max(self.number.values()) + 2  # lookup tables indexed by number; -1 -> last slot (never set)
+        annotated = np.zeros((len(queries), scores.shape[1]), dtype=bool)
+        positive, excluded = annotated.copy(), annotated.copy()
+        num_positives, num_clean_positives = np.zeros(len(queries)), np.zeros(len(queries))
+        for i, q in enumerate(queries):
+            query_set = self._query_set[q]
+            is_annotated, is_positive, is_excluded = (np.zeros(size, dtype=bool) for _ in range(3))
+            labels, excluded_numbers = self.ground_truth[query_set], self.excluded[query_set]
+            positives = [n for n, label in labels.items() if label in self.POSITIVE_LABELS]
+            is_annotated[list(labels)] = True
+            is_positive[positives] = True
+            is_excluded[list(excluded_numbers)] = True
+            annotated[i], positive[i], excluded[i] = is_annotated[number], is_positive[number], is_excluded[number]
+            num_positives[i] = len(positives)
+            num_clean_positives[i] = sum(n not in excluded_numbers for n in positives)
+        metrics = {}
+        for key, whole_collection, clean in (("cc_web", False, False), ("cc_web_star", True, False),
+                                             ("cc_web_c", False, True), ("cc_web_star_c", True, True)):
+            ranked = in_database & (True if whole_collection else annotated)
+            relevant = positive & in_database
+            if clean:
+                ranked, relevant = ranked & ~excluded, relevant & ~excluded
+            ap = average_precision(scores, relevant, ranked,
+                                   num_relevant=num_clean_positives if clean else num_positives)
+            metrics[key] = self._mean(ap, queries, key, log)
+        return metrics
+
+
+class EVVE(Benchmark):
+    """EVVE (Revaud et al. 2013): 620 queries of 13 events, 2,373 database videos.
+
+    AP is the official trapezoid AP of the EVVE evaluation code. Reported:
+    `mAP` (mean over queries, "overall mAP" upstream), `avg_mAP` (mean of the
+    13 per-event mAPs, DnS's "avg mAP") and `events` (event -> mAP).
+    Queries are not database videos; query ids among the database columns are
+    ignored. A missing query is ignored in its event's mAP too (upstream's
+    per-event mAP divides by all the event's queries, counting it as AP 0).
+    """
+    metric_names = ("mAP", "avg_mAP")
+    metric_keys = ("mAP", "avg_mAP")
+    name = "EVVE"
+
+    def __init__(self, annotation_dir="datasets"):
+        path = annotation_path(annotation_dir, "evve.pickle")
+        data = load_pickle(path)
+        try:
+            self.events = {str(e): (set(qs), set(pos)) for e, (qs, pos, _null) in data["annotation"].items()}
+            self.queries = [str(q) for q in data["queries"]]
+            self.database = [str(v) for v in data["database"]]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: not an EVVE annotation file; {DOWNLOAD_HINT}") from None
+        self.event_of = {q: e for e, (qs, _) in self.events.items() for q in qs}
+        self._database_set = set(self.database)
+
+    def _evaluate(self, queries, column_of, in_database, scores, log):
+        relevant = self._relevance(queries, column_of, scores.shape[1],
+                                   lambda q: self.events[self.event_of[q]][1] if q in self.event_of else ())
+        ap = average_precision(scores, relevant, in_database, trapezoid=True)
+        events = {}
+        for event in sorted(self.events):
+            members = [i for i, q in enumerate(queries) if self.event_of.get(q) == event]
+            if members:
+                events[event] = self._mean(ap[members], [queries[i] for i in members], event, lambda _: None)
+        mean_ap = self._mean(ap, queries, "EVVE", log)
+        return {"mAP": mean_ap, "avg_mAP": float(np.nanmean(list(events.values()))), "events": events}
+
+    def table(self, metrics):
+        lines = [f"{event:<40} {value:.4f}" for event, value in metrics["events"].items()]
+        return "\n".join(lines + ["-" * 47, super().table(metrics)])
+
+
+class VCDB(Benchmark):
+    """VCDB (Jiang et al. 2014), TCA's `vcdb.pickle`: the 528 core videos are
+    the queries; the database is the core plus the background videos.
+
+    A query's relevant videos are the core videos it shares a copied segment
+    with (`video_pairs`, both directions). Upstream also puts each query into
+    its own relevant set while skipping it in the ranking, which caps every AP
+    below 1; we do not.
+    """
+    metric_names = metric_keys = ("mAP",)
+    name = "VCDB"
+
+    def __init__(self, annotation_dir="datasets"):
+        path = annotation_path(annotation_dir, "vcdb.pickle")
+        data = load_pickle(path)
+        try:
+            index = [str(v) for v in data["index"]]
+            pairs = [tuple(p["videos"]) for p in data["video_pairs"]]
+        except (KeyError, TypeError):
+            raise UserError(f"{path}: not a VCDB annotation file; {DOWNLOAD_HINT}") from None
+        self.queries = index[:528]
+        self.database = list(dict.fromkeys(index))  # the index lists 4 background ids twice
+        self.ground_truth = {q: set() for q in self.queries}
+        for a, b in pairs:
+            if a != b:
+                self.ground_truth.setdefault(a, set()).add(b)
+                self.ground_truth.setdefault(b, set()).add(a)
+        self._database_set = set(self.database)
+
+    def _evaluate(self, queries, column_of, in_database, scores, log):
+        ranked = np.broadcast_to(in_database, scores.shape).copy()
+        for i, q in enumerate(queries):
+            if q in column_of:
+                ranked[i, column_of[q]] = False  # skip the query itself
+        relevant = self._relevance(queries, column_of, scores.shape[1], lambda q: self.ground_truth[q])
+        return {"mAP": self._mean(average_precision(scores, relevant, ranked), queries, "VCDB", log)}
+
+
+DATASETS = ("FIVR-5K", "FIVR-200K", "CC_WEB_VIDEO", "EVVE", "VCDB")
+
+
+def load_benchmark(name, annotation_dir="datasets"):
+    """Benchmark by its command-line name (case-insensitive)."""
+    key = name.upper()
+    if key in ("FIVR-5K", "FIVR-200K"):
+        return FIVR(version=key.split("-")[1].lower(), annotation_dir=annotation_dir)
+    if key == "CC_WEB_VIDEO":
+        return CC_WEB_VIDEO(annotation_dir)
+    if key == "EVVE":
+        return EVVE(annotation_dir)
+    if key == "VCDB":
+        return VCDB(annotation_dir)
+    raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
