@@ -19,12 +19,16 @@ The common protocol:
     query whose relevant set is empty is reported and skipped;
   - NaN similarities mean "not computed" and are never ranked.
 Per-benchmark details (and where we depart from upstream) are in each class.
+
+At the end of the file: VCDBPairDataset and collate_pairs, the VCDB training
+pairs that train.py reads.
 """
 import os
 
 import numpy as np
+import torch.utils.data
 
-from utils import UserError, load_pickle
+from utils import UserError, load_pickle, open_features, pad_sequences
 
 DOWNLOAD_HINT = "see datasets/README.md for where to download the annotation files (or pass --annotation_dir)"
 
@@ -383,3 +387,116 @@ def load_benchmark(name, annotation_dir="datasets"):
     if key == "VCDB":
         return VCDB(annotation_dir)
     raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+# --------------------------------------------------------------------------
+# VCDB training pairs (used by train.py)
+
+class VCDBPairDataset(torch.utils.data.Dataset):
+    """VCDB copy pairs for supervised contrastive training.
+
+    Item `index` is (anchor (Ta, C), positive (Tp, C), negatives [neg_num x (Tn, C)]):
+    the two videos of `video_pairs[index]` of vcdb.pickle and `neg_num` videos drawn
+    from its background list `negs`, as float32 arrays of at most `padding_size`
+    frames; `collate_pairs` pads a batch of them.
+
+    Pairs with a video that has no features (missing from the HDF5 file, or zero
+    frames) are dropped, and so are such negatives; `num_dropped_pairs` and
+    `num_dropped_negatives` count them. Raises UserError on a feature size other than
+    `feature_size`, on no usable pair, or on fewer usable negatives than `neg_num`.
+
+    Videos longer than `padding_size` are cropped to a random window of
+    `padding_size` frames (as upstream), or with `random_sampling` to
+    `padding_size` random frames kept in temporal order (upstream samples them
+    with replacement, unordered).
+
+    Randomness (negatives, crops) is drawn from a generator seeded by
+    (seed, epoch, index): an item is the same whatever the number of DataLoader
+    workers or ranks, and a resumed run sees the same items. Call `set_epoch`
+    before each epoch.
+    """
+
+    def __init__(self, annotation_path, feature_path, padding_size=300, random_sampling=False,
+                 neg_num=1, feature_size=None, seed=0):
+        self.feature_path = os.fspath(feature_path)
+        self.padding_size = padding_size
+        self.random_sampling = random_sampling
+        self.neg_num = neg_num
+        self.seed = seed
+        self.epoch = 0
+        annotation = load_pickle(annotation_path)
+        if not isinstance(annotation, dict) or "video_pairs" not in annotation or "negs" not in annotation:
+            raise UserError(f"{annotation_path}: not a VCDB training annotation "
+                            "(expected a dict with 'video_pairs' and 'negs')")
+        pairs = [tuple(pair["videos"][:2]) for pair in annotation["video_pairs"]]
+        negatives = list(dict.fromkeys(annotation["negs"]))  # unique, in file order
+
+        # Keep only videos with features; check the feature size (metadata only, no data read).
+        with open_features(self.feature_path) as features:
+            def usable(video):
+                if video not in features:
+                    return False
+                shape = features[video].shape
+                if len(shape) != 2:
+                    raise UserError(f"{self.feature_path}: video {video} has features of shape "
+                                    f"{shape}, expected (frames, {feature_size or 'C'})")
+                if feature_size is not None and shape[1] != feature_size:
+                    raise UserError(f"{self.feature_path}: video {video} has {shape[1]}-dimensional "
+                                    f"features but --pca_components is {feature_size}")
+                return shape[0] > 0
+            has_features = {}
+            for video in {v for pair in pairs for v in pair} | set(negatives):
+                has_features[video] = usable(video)
+        self.pairs = [pair for pair in pairs if has_features[pair[0]] and has_features[pair[1]]]
+        self.negatives = [video for video in negatives if has_features[video]]
+        self.num_dropped_pairs = len(pairs) - len(self.pairs)
+        self.num_dropped_negatives = len(negatives) - len(self.negatives)
+        if not self.pairs:
+            raise UserError(f"no usable training pairs: none of the {len(pairs)} pairs of "
+                            f"{annotation_path} has features for both videos in {self.feature_path}")
+        if len(self.negatives) < neg_num:
+            raise UserError(f"only {len(self.negatives)} of the {len(negatives)} background videos of "
+                            f"{annotation_path} have features in {self.feature_path}, "
+                            f"fewer than --neg_num {neg_num}")
+        self._features, self._features_pid = None, None
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def _read(self, video, rng):
+        # h5py handles must not cross a fork: open the file once per process.
+        if self._features is None or self._features_pid != os.getpid():
+            self._features, self._features_pid = open_features(self.feature_path), os.getpid()
+        dataset = self._features[video]
+        num_frames = dataset.shape[0]
+        if num_frames <= self.padding_size:
+            frames = dataset[:]
+        elif self.random_sampling:
+            frames = dataset[:][np.sort(rng.choice(num_frames, self.padding_size, replace=False))]
+        else:
+            start = int(rng.integers(num_frames - self.padding_size + 1))
+            frames = dataset[start:start + self.padding_size]
+        return np.asarray(frames, dtype=np.float32)  # (T, C), T <= padding_size
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        anchor, positive = self.pairs[index]
+        negatives = rng.choice(len(self.negatives), self.neg_num, replace=False)
+        return (self._read(anchor, rng), self._read(positive, rng),
+                [self._read(self.negatives[i], rng) for i in negatives])
+
+
+def collate_pairs(batch):
+    """Pad a list of VCDBPairDataset items, each group to its longest video.
+
+    Returns anchors (B, T, C), anchor_frames (B,), positives (B, T, C),
+    positive_frames (B,), negatives (B * neg_num, T, C), negative_frames (B * neg_num,);
+    the negatives of item b are rows b * neg_num ... (b + 1) * neg_num - 1.
+    """
+    anchors, anchor_frames = pad_sequences([item[0] for item in batch])
+    positives, positive_frames = pad_sequences([item[1] for item in batch])
+    negatives, negative_frames = pad_sequences([n for item in batch for n in item[2]])
+    return anchors, anchor_frames, positives, positive_frames, negatives, negative_frames
