@@ -1,0 +1,304 @@
+"""Extract frame-level CNN features from videos into HDF5, one dataset per
+video id of shape (T, 3840): ImageNet ResNet-50, iMAC (or R-MAC) pooling of
+the outputs of layer1..layer4, as TCA's pre-processing does.
+
+    python pre-processing/extract_features.py --video_list videos.tsv --output imac.h5
+    python pre-processing/extract_features.py --frames_dir frames/ --output imac.h5
+
+With --video_list the videos are decoded by parallel worker processes
+(extract_frames.decode_frames: 1 fps, shorter side 256, centre crop 256) and
+the frames stream straight into the CNN, batched across videos; nothing but
+the features is stored. With --frames_dir the .npy files written by
+extract_frames.py are read instead.
+
+Killing the run loses at most --checkpoint_every seconds of work; a re-run
+skips the videos already extracted. Videos that cannot be decoded are
+reported, listed in a failures file and skipped.
+"""
+import argparse
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from utils import UserError, l2_normalize, load_state_dict, run_main  # noqa: E402
+from extract_frames import VideoError, decode_frames, read_video_list, write_failures  # noqa: E402
+from h5_writer import ResumableH5Writer  # noqa: E402
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYERS = ("layer1", "layer2", "layer3", "layer4")  # 256 + 512 + 1024 + 2048 = 3840 channels
+
+
+# --------------------------------------------------------------------------
+# pooling of one layer's activations into one vector per frame
+
+def imac(x):
+    """iMAC of one layer: L2-normalise every location's channel vector, take
+    the global max over locations, L2-normalise. x: (N, C, H, W) -> (N, C)."""
+    x = l2_normalize(x, dim=1)
+    return l2_normalize(x.amax(dim=(2, 3)), dim=1)
+
+
+def rmac(x):
+    """Upstream's R-MAC variant: L2-normalise over channels, max-pool regions
+    of 3p/2 x 3p/2 with stride p = floor(2/7 of the shorter side) (a 3x3 grid
+    for 224-pixel frames), L2-normalise each region, sum, L2-normalise.
+    x: (N, C, H, W) -> (N, C)."""
+    x = l2_normalize(x, dim=1)
+    p = int(min(x.shape[-2:]) * 2 / 7)
+    x = F.max_pool2d(x, kernel_size=int(p + p / 2), stride=p)  # (N, C, 3, 3)
+    x = l2_normalize(x.flatten(2), dim=1).sum(dim=-1)  # (N, C)
+    return l2_normalize(x, dim=1)
+
+
+POOLING = {"imac": imac, "rmac": rmac}
+
+
+class FrameFeatureExtractor(nn.Module):
+    """ResNet-50 trunk whose layer1..layer4 outputs are pooled (iMAC or R-MAC)
+    and concatenated: (N, 3, 224, 224) -> (N, 3840), each layer's block of
+    channels unit-norm. The avgpool/fc head is never run."""
+
+    def __init__(self, backbone, pooling="imac"):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = POOLING[pooling]
+
+    def forward(self, images):
+        net = self.backbone
+        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        pooled = []
+        for name in LAYERS:
+            x = getattr(net, name)(x)
+            pooled.append(self.pool(x.float()))  # pool in fp32 also under bf16 autocast
+        return torch.cat(pooled, dim=1)
+
+
+def load_backbone(weights=None, random_weights=False):
+    """torchvision ResNet-50: ImageNet weights (IMAGENET1K_V1, the weights
+    `pretrained=True` gave upstream) from torchvision's cache or download, a
+    local state-dict file, or - for offline tests only - fixed random weights."""
+    if random_weights:
+        print("WARNING: --random-weights: ResNet-50 is randomly initialised (seed 0); "
+              "the features are only good for testing the pipeline", file=sys.stderr)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return torchvision.models.resnet50(weights=None)
+    if weights is not None:
+        model = torchvision.models.resnet50(weights=None)
+        try:
+            model.load_state_dict(load_state_dict(weights))
+        except RuntimeError as e:
+            raise UserError(f"{weights}: not a torchvision ResNet-50 state dict ({str(e).splitlines()[0]})") from None
+        return model
+    try:
+        return torchvision.models.resnet50(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
+    except Exception as e:  # no network: URLError, OSError, ...
+        url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+        raise UserError(f"cannot get the ImageNet ResNet-50 weights ({type(e).__name__}: {e}); "
+                        f"download {url} elsewhere and pass --weights PATH") from None
+
+
+def build_extractor(feature="imac", weights=None, random_weights=False, device="cpu", channels_last=False):
+    model = FrameFeatureExtractor(load_backbone(weights, random_weights), feature)
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# --------------------------------------------------------------------------
+# frames -> features
+
+def preprocess(frames, device="cpu", channels_last=False):
+    """Upstream's Resize(256) / CenterCrop(224) / ImageNet normalisation, on a
+    batch. frames: uint8 (N, H, W, 3) RGB -> float (N, 3, 224, 224). The
+    resize is a no-op for the 256x256 frames of decode_frames."""
+    x = frames.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+    if min(x.shape[-2:]) != 256:
+        x = TF.resize(x, [256], antialias=True)
+    x = TF.center_crop(x, [224, 224])
+    x = TF.normalize(x.float().div_(255), IMAGENET_MEAN, IMAGENET_STD)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@torch.inference_mode()
+def extract_batch(model, frames, device="cpu", channels_last=False, bf16=False):
+    """uint8 frames (N, H, W, 3) -> features (N, D) float32 on the CPU."""
+    device = torch.device(device)
+    images = preprocess(frames, device, channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        features = model(images)
+    return features.float().cpu()
+
+
+class VideoFrames(torch.utils.data.Dataset):
+    """Item i: (video_id, path, uint8 frames (T, 256, 256, 3) or None, error
+    or None). Decodes videos (fps given) or loads extract_frames.py's .npy
+    files (fps None); a broken file gives its error instead of raising."""
+
+    def __init__(self, videos, fps=None):
+        self.videos, self.fps = videos, fps
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, index):
+        video_id, path = self.videos[index]
+        try:
+            if self.fps is None:
+                frames = np.load(path)
+                if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+                    raise VideoError(f"not a uint8 (T, H, W, 3) frame array: {frames.dtype} {frames.shape}")
+            else:
+                frames = decode_frames(path, self.fps)
+        except VideoError as e:
+            return video_id, path, None, str(e)
+        except (OSError, ValueError, EOFError) as e:  # unreadable .npy
+            return video_id, path, None, f"cannot load frames ({type(e).__name__}: {e})"
+        return video_id, path, torch.from_numpy(frames), None
+
+
+def _unbatched(item):
+    return item
+
+
+def iterate_videos(videos, fps=None, workers=2):
+    """Decode (or load) `videos` [(id, path)] in `workers` background
+    processes, yielding VideoFrames items in order while the main process
+    runs the CNN."""
+    return torch.utils.data.DataLoader(VideoFrames(videos, fps), batch_size=None, shuffle=False,
+                                       num_workers=workers, collate_fn=_unbatched,
+                                       prefetch_factor=2 if workers > 0 else None)
+
+
+def extract_videos(model, items, batch_size=64, device="cpu", channels_last=False, bf16=False):
+    """Run the CNN over the frames of `items` (from iterate_videos) in batches
+    of `batch_size` frames that cross video boundaries, so short videos do not
+    leave batches half-empty. Yields (video_id, path, features (T, D) or None,
+    error or None) as each video completes."""
+    pending = []  # [video_id, path, frames, next frame to run, list of feature chunks]
+
+    def run_batch():
+        chunks, owners, size = [], [], 0
+        for entry in pending:
+            take = min(batch_size - size, len(entry[2]) - entry[3])
+            if take == 0:
+                break
+            chunks.append(entry[2][entry[3]:entry[3] + take])
+            owners.append((entry, take))
+            entry[3] += take
+            size += take
+        features = extract_batch(model, torch.cat(chunks), device, channels_last, bf16)
+        for (entry, take), piece in zip(owners, features.split([take for _, take in owners])):
+            entry[4].append(piece)
+        while pending and pending[0][3] == len(pending[0][2]):  # videos complete in order
+            video_id, path, _, _, pieces = pending.pop(0)
+            yield video_id, path, torch.cat(pieces), None
+
+    for video_id, path, frames, error in items:
+        if error is not None:
+            yield video_id, path, None, error
+            continue
+        pending.append([video_id, path, frames, 0, []])
+        while sum(len(e[2]) - e[3] for e in pending) >= batch_size:
+            yield from run_batch()
+    while pending:
+        yield from run_batch()
+
+
+# --------------------------------------------------------------------------
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--video_list",
+                        help="videos to decode: file of 'id<TAB>path' lines (paths relative to the file) "
+                             "or a quoted glob pattern with {id}, e.g. 'videos/*/{id}.mp4'")
+    source.add_argument("--frames_dir", help="directory of <id>.npy frame files written by extract_frames.py")
+    parser.add_argument("--output", required=True, help="HDF5 file to write, one (T, 3840) dataset per video id")
+    parser.add_argument("--feature", choices=sorted(POOLING), default="imac",
+                        help="pooling of each layer: iMAC (global max, TCA's default) or upstream's R-MAC")
+    parser.add_argument("--fps", type=float, default=1.0, help="frames per second decoded (--video_list only)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", help="local ResNet-50 state dict (e.g. torchvision's resnet50-0676ba61.pth) "
+                                           "instead of downloading the ImageNet weights")
+    weights.add_argument("--random-weights", action="store_true",
+                         help="randomly initialised ResNet-50 (seed 0), for offline tests only")
+    parser.add_argument("--batch_size", type=int, default=64, help="frames per CNN forward, across videos")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="decoding worker processes (0: decode in the main process)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device for the CNN")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run the CNN in channels-last memory format (faster convolutions on recent CPUs/GPUs)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="run the CNN under bfloat16 autocast (pooling stays fp32); faster on CPUs with "
+                             "AMX/AVX512-BF16 and on GPUs, features differ slightly from fp32")
+    parser.add_argument("--checkpoint_every", type=float, default=60.0,
+                        help="seconds between saves of finished videos; a killed run loses at most this much work")
+    parser.add_argument("--failures", default=None,
+                        help="where to list the videos that failed (default: OUTPUT.failures.tsv)")
+    return parser
+
+
+def list_frame_files(frames_dir):
+    if not os.path.isdir(frames_dir):
+        raise UserError(f"{frames_dir}: frames directory not found")
+    paths = sorted(glob.glob(os.path.join(frames_dir, "**", "*.npy"), recursive=True))  # skips .tmp files
+    if not paths:
+        raise UserError(f"{frames_dir}: no .npy frame files")
+    return [(os.path.relpath(path, frames_dir)[:-len(".npy")], path) for path in paths]
+
+
+def main():
+    args = get_args_parser().parse_args()
+    if args.fps <= 0 or args.batch_size <= 0 or args.workers < 0:
+        raise UserError("--fps and --batch_size must be positive, --workers non-negative")
+    if args.video_list is not None:
+        videos, fps = read_video_list(args.video_list), args.fps
+    else:
+        videos, fps = list_frame_files(args.frames_dir), None
+    failures_path = args.failures or args.output + ".failures.tsv"
+
+    writer = ResumableH5Writer(args.output, args.checkpoint_every)
+    todo = [(video_id, path) for video_id, path in videos if video_id not in writer]
+    print(f"{len(videos)} videos, {len(videos) - len(todo)} already done, {len(todo)} to extract")
+    model = build_extractor(args.feature, args.weights, args.random_weights, args.device, args.channels_last)
+
+    start, num_frames, failures = time.time(), 0, []
+    items = iterate_videos(todo, fps, args.workers)
+    with writer, tqdm(total=len(todo), unit="video") as bar:
+        for video_id, path, features, error in extract_videos(model, items, args.batch_size, args.device,
+                                                              args.channels_last, args.bf16):
+            if error is not None:
+                tqdm.write(f"skipping {video_id} ({path}): {error}")
+                failures.append((video_id, path, error))
+            else:
+                writer.add(video_id, features.numpy())
+                num_frames += len(features)
+            bar.update()
+            bar.set_postfix(frames_per_s=f"{num_frames / (time.time() - start):.1f}")
+
+    elapsed = time.time() - start
+    write_failures(failures_path, failures)
+    print(f"extracted {len(todo) - len(failures)} videos ({num_frames} frames, "
+          f"{num_frames / max(elapsed, 1e-9):.1f} frames/s) into {args.output}, "
+          f"skipped {len(videos) - len(todo)} already done, failed {len(failures)}"
+          + (f" (listed in {failures_path})" if failures else ""))
+
+
+if __name__ == "__main__":
+    run_main(main)

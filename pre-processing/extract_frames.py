@@ -1,0 +1,251 @@
+"""Decode videos into frames at a fixed rate (default 1 frame per second),
+resized so the shorter side is 256 and centre-cropped to 256x256, as TCA's
+pre-processing does. Each video becomes DIR/<id>.npy, uint8 (T, 256, 256, 3) RGB.
+
+    python pre-processing/extract_frames.py --video_list videos.tsv --output frames/
+    python pre-processing/extract_frames.py --video_list 'videos/*/{id}.mp4' --output frames/
+
+The frames need not be stored: extract_features.py --video_list decodes with
+the same function and streams the frames straight into the CNN.
+
+A video is written once complete (write then rename), so a killed run loses
+nothing and a re-run skips the finished videos. Videos that cannot be decoded
+(corrupt, truncated, empty, not a video) are reported, listed in a failures
+file and skipped.
+"""
+import argparse
+import glob
+import math
+import os
+import re
+import sys
+import time
+
+import av
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import UserError, atomic_path, run_main  # noqa: E402
+
+FRAME_SIZE = 256  # shorter side, then centre crop: upstream's resize_frame + center_crop
+
+
+class VideoError(Exception):
+    """A video that cannot be decoded; the pipeline skips it and lists it."""
+
+
+# --------------------------------------------------------------------------
+# the list of videos: `id<TAB>path` lines, or a glob pattern with {id}
+
+def read_video_list(spec):
+    """Return [(video_id, path)] from a list file of `id<TAB>path` lines or a
+    glob pattern containing `{id}` (e.g. 'videos/*/{id}.mp4'), where the part
+    of the file name matched by {id} becomes the video id."""
+    if "{id}" in spec:
+        return _glob_video_list(spec)
+    if not os.path.isfile(spec):
+        raise UserError(f"{spec}: video list not found (give a file of 'id<TAB>path' lines "
+                        "or a glob pattern containing {id})")
+    videos, seen = [], set()
+    with open(spec) as f:
+        for line_number, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.startswith("#"):
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2 or not fields[0] or not fields[1]:
+                raise UserError(f"{spec}:{line_number}: expected 'id<TAB>path', got {line!r}")
+            video_id, path = fields
+            if video_id in seen:
+                raise UserError(f"{spec}:{line_number}: duplicate video id {video_id!r}")
+            if os.path.isabs(video_id) or ".." in video_id.split("/"):
+                raise UserError(f"{spec}:{line_number}: video id {video_id!r} must be a relative name")
+            seen.add(video_id)
+            # relative paths are relative to the list file, so a list travels with its videos
+            videos.append((video_id, os.path.join(os.path.dirname(os.path.abspath(spec)), path)))
+    if not videos:
+        raise UserError(f"{spec}: no videos listed")
+    return videos
+
+
+def _glob_video_list(pattern):
+    if pattern.count("{id}") != 1:
+        raise UserError(f"{pattern}: the pattern must contain {{id}} exactly once")
+    # glob wildcards and {id} match within one path component, as in glob itself
+    regex = ""
+    for token in re.split(r"(\{id\}|\*|\?)", pattern):
+        regex += {"{id}": r"(?P<id>[^/]+)", "*": r"[^/]*", "?": r"[^/]"}.get(token, re.escape(token))
+    videos = {}
+    for path in sorted(glob.glob(pattern.replace("{id}", "*"))):
+        match = re.fullmatch(regex, path)
+        if match is None or not os.path.isfile(path):
+            continue
+        video_id = match.group("id")
+        if video_id in videos:
+            raise UserError(f"{pattern}: video id {video_id!r} matches both {videos[video_id]} and {path}")
+        videos[video_id] = path
+    if not videos:
+        raise UserError(f"{pattern}: no file matches")
+    return list(videos.items())
+
+
+# --------------------------------------------------------------------------
+# decoding
+
+def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1):
+    """Decode `path` at `fps` frames per second: the first frame of every
+    1/fps-second interval, counted from the first frame, so a video whose last
+    frame starts at time L gives floor(L * fps) + 1 frames. Each frame is
+    scaled (bicubic, as upstream's cv2.INTER_CUBIC) so its shorter side is
+    `size`, then centre-cropped to size x size.
+
+    threads: FFmpeg decoding threads (0 = FFmpeg's choice); 1 suits parallel
+        worker processes, which already keep every core busy.
+    Returns uint8 (T, size, size, 3) RGB. Raises VideoError if the file cannot
+    be opened or decoded, holds no video frame, or decodes to much less than
+    the duration its container declares (a truncated download).
+    """
+    if not os.path.isfile(path):
+        raise VideoError("file not found")
+    if os.path.getsize(path) == 0:
+        raise VideoError("empty file")
+    frames, last_bucket, first_time, last_time = [], -1, None, None
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoError("no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.thread_count = threads
+            rate = float(stream.average_rate or stream.guessed_rate or 25)
+            for index, frame in enumerate(container.decode(stream)):
+                time_s = frame.time if frame.time is not None else index / rate
+                if first_time is None:
+                    first_time = time_s
+                last_time = time_s
+                # small epsilon: a frame stamped 0.9999999 s is the one meant for 1 s
+                bucket = math.floor((time_s - first_time) * fps + 1e-6)
+                if bucket <= last_bucket:
+                    continue  # fps above the video's rate simply keeps every frame
+                last_bucket = bucket
+                frames.append(_resize_and_crop(frame, size))
+            declared = _declared_duration(container, stream)
+    except VideoError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
+        raise VideoError(f"cannot decode ({type(e).__name__}: {e})") from None
+    if not frames:
+        raise VideoError("no frame decoded")
+    decoded = last_time - first_time + 1.0 / rate
+    if declared is not None and decoded < declared - max(2.0, 0.1 * declared):
+        raise VideoError(f"truncated: decoded {decoded:.1f} s of the {declared:.1f} s its container declares")
+    return np.stack(frames)
+
+
+def _resize_and_crop(frame, size):
+    width, height = frame.width, frame.height
+    scale = size / min(width, height)
+    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+    # swscale resizes and converts to RGB in one pass
+    image = frame.reformat(width=new_width, height=new_height, format="rgb24",
+                           interpolation="BICUBIC").to_ndarray()  # (H, W, 3)
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    return image[top:top + size, left:left + size]
+
+
+def _declared_duration(container, stream):
+    """Duration in seconds the file claims for its video, if it claims one."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1e6  # av.time_base is microseconds
+    return None
+
+
+# --------------------------------------------------------------------------
+# failures file, shared with extract_features.py
+
+def write_failures(path, failures):
+    """Write `id<TAB>path<TAB>reason` lines (atomically) and return `path`;
+    with no failures, remove a stale failures file from an earlier run."""
+    if not failures:
+        if os.path.exists(path):
+            os.remove(path)
+        return None
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for video_id, video_path, reason in failures:
+            f.write(f"{video_id}\t{video_path}\t{reason}\n")
+    return path
+
+
+# --------------------------------------------------------------------------
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--video_list", required=True,
+                        help="file of 'id<TAB>path' lines (paths relative to the file), "
+                             "or a quoted glob pattern with {id}, e.g. 'videos/*/{id}.mp4'")
+    parser.add_argument("--output", required=True, help="directory for the <id>.npy frame files")
+    parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="parallel decoding processes (0: decode in this process)")
+    parser.add_argument("--failures", default=None,
+                        help="where to list the videos that failed (default: OUTPUT/failures.tsv)")
+    return parser
+
+
+def _frames_path(output, video_id):
+    return os.path.join(output, video_id + ".npy")
+
+
+def _decode_and_save(job):
+    video_id, path, output, fps = job
+    try:
+        frames = decode_frames(path, fps)
+    except VideoError as e:
+        return video_id, path, 0, str(e)
+    target = _frames_path(output, video_id)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.save(f, frames)
+    return video_id, path, len(frames), None
+
+
+def main():
+    args = get_args_parser().parse_args()
+    if args.fps <= 0:
+        raise UserError("--fps must be positive")
+    videos = read_video_list(args.video_list)
+    failures_path = args.failures or os.path.join(args.output, "failures.tsv")
+    os.makedirs(args.output, exist_ok=True)
+
+    todo = [(vid, path) for vid, path in videos if not os.path.exists(_frames_path(args.output, vid))]
+    print(f"{len(videos)} videos, {len(videos) - len(todo)} already done, {len(todo)} to decode")
+    jobs = [(vid, path, args.output, args.fps) for vid, path in todo]
+    start, num_frames, failures = time.time(), 0, []
+    if args.workers > 0 and len(jobs) > 1:
+        import multiprocessing
+        pool = multiprocessing.Pool(args.workers)
+        results = pool.imap_unordered(_decode_and_save, jobs)
+    else:
+        pool, results = None, map(_decode_and_save, jobs)
+    for video_id, path, count, error in tqdm(results, total=len(jobs), unit="video"):
+        if error is not None:
+            tqdm.write(f"skipping {video_id} ({path}): {error}")
+            failures.append((video_id, path, error))
+        num_frames += count
+    if pool is not None:
+        pool.close()
+        pool.join()
+
+    elapsed = time.time() - start
+    write_failures(failures_path, failures)
+    print(f"decoded {len(jobs) - len(failures)} videos ({num_frames} frames, "
+          f"{num_frames / max(elapsed, 1e-9):.1f} frames/s), skipped {len(videos) - len(todo)} already done, "
+          f"failed {len(failures)}" + (f" (listed in {failures_path})" if failures else ""))
+
+
+if __name__ == "__main__":
+    run_main(main)
