@@ -81,13 +81,16 @@ def _ranks_of(scores, positions):
     values = scores[positions]
     sorted_scores = np.sort(scores)  # an unstable value sort is ~20x faster than a stable argsort
     above = np.searchsorted(sorted_scores, values, side="right")
-    below = np.searchsorted(sorted_scores, values, side="left")
-    if np.all(above - below == 1):  # no relevant video shares its score: rank = number of higher scores
-        return np.sort(len(scores) - above)
-    order = np.argsort(-scores, kind="stable")  # ties: exact upstream order
-    rank = np.empty(len(scores), dtype=np.int64)
-    rank[order] = np.arange(len(scores))
-    return np.sort(rank[positions])
+    rank = len(scores) - above  # number of higher scores
+    tied = np.flatnonzero(above - np.searchsorted(sorted_scores, values, side="left") > 1)
+    if len(tied) > 32:  # many ties (e.g. quantised scores): one stable sort gives the upstream order
+        order = np.argsort(-scores, kind="stable")
+        rank = np.empty(len(scores), dtype=np.int64)
+        rank[order] = np.arange(len(scores))
+        return np.sort(rank[positions])
+    for k in tied:  # equal scores rank in index order, as upstream's stable sort
+        rank[k] += np.count_nonzero(scores[:positions[k]] == values[k])
+    return np.sort(rank)
 
 
 # --------------------------------------------------------------------------
