@@ -1,0 +1,266 @@
+"""Benchmarks of data.py on the real annotation files, with hand-built
+similarities whose mAP is worked out here."""
+import os
+import pickle
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import data  # noqa: E402
+from data import CC_WEB_VIDEO, EVVE, FIVR, VCDB, average_precision, load_benchmark  # noqa: E402
+from utils import UserError  # noqa: E402
+
+ANNOTATIONS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets")
+
+
+class Log(list):
+    def __call__(self, line):
+        self.append(line)
+
+
+# --------------------------------------------------------------------------
+# average_precision
+
+def test_average_precision_hand_worked():
+    sims = np.array([[0.9, 0.8, 0.7, 0.6]])
+    relevant = np.array([[True, False, True, False]])
+    # hits at ranks 1 and 3: (1/1 + 2/3) / 2
+    assert average_precision(sims, relevant, np.ones(4, bool))[0] == pytest.approx((1 + 2 / 3) / 2)
+    # EVVE trapezoids, hits at 0-based ranks 0 and 2 of 2 positives:
+    # (1 + 1)/2 * 1/2 + (1/2 + 2/3)/2 * 1/2
+    assert average_precision(sims, relevant, np.ones(4, bool), trapezoid=True)[0] == \
+        pytest.approx(0.5 + (0.5 + 2 / 3) / 4)
+
+
+def test_average_precision_unranked_relevant_counts_as_miss_and_nan_is_not_ranked():
+    sims = np.array([[0.9, np.nan, 0.7, 0.6]])
+    relevant = np.array([[False, True, True, True]])
+    ranked = np.array([True, True, True, False])
+    # ranking: col0, col2 (col1 NaN, col3 not ranked); one hit at rank 2 of 3 relevant
+    assert average_precision(sims, relevant, ranked)[0] == pytest.approx((1 / 2) / 3)
+    # explicit denominator (CC_WEB counts positives without results)
+    assert average_precision(sims, relevant, ranked, num_relevant=[10])[0] == pytest.approx((1 / 2) / 10)
+    # no relevant video: NaN, to be reported and skipped
+    assert np.isnan(average_precision(sims, np.zeros((1, 4), bool), ranked)[0])
+
+
+def _stable_sort_ap(scores, relevant):
+    """Reference: upstream's loop over Python's stable sorted(reverse=True)."""
+    order = sorted(range(len(scores)), key=lambda j: scores[j], reverse=True)
+    hits, total = 0, 0.0
+    for r, j in enumerate(order, 1):
+        if relevant[j]:
+            hits += 1
+            total += hits / r
+    return total / max(sum(relevant), 1)
+
+
+@pytest.mark.parametrize("levels", [3, 40, 10**6])  # many ties (stable-sort path), some ties, almost none
+def test_average_precision_ties_follow_column_order_like_upstream(levels):
+    rng = np.random.default_rng(levels)
+    sims = rng.integers(0, levels, size=(5, 3000)) / levels
+    relevant = rng.random((5, 3000)) < 0.05
+    ap = average_precision(sims, relevant, np.ones(3000, bool))
+    expected = [_stable_sort_ap(list(s), list(r)) for s, r in zip(sims, relevant)]
+    np.testing.assert_allclose(ap, expected, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# FIVR
+
+@pytest.fixture(scope="module")
+def fivr5k():
+    return FIVR("5k", ANNOTATIONS)
+
+
+def test_fivr_self_annotated_query_missing_videos_and_unknown_ids(fivr5k):
+    b = fivr5k
+    q = "eCrhXArKE24"  # a FIVR-5K query, in the 5K database, annotated IS to itself
+    gt = b.annotation[q]
+    db = set(b.database)
+    nd1 = sorted(set(gt["ND"]) & db)[0]
+    ds1 = sorted(set(gt["DS"]) & db)[0]
+    is1 = sorted(set(gt["IS"]) & db - {q})[0]
+    annotated = {v for vs in gt.values() for v in vs}
+    neg1, neg2 = sorted(db - annotated)[:2]
+    other_query = "8ja0i5wV-io"  # another 5K query: no relevant video among these columns
+    columns = [q, neg1, nd1, is1, neg2, ds1, "not_a_fivr_video"]
+    sims = np.array([[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 2.0],
+                     [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+                     [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    log = Log()
+    m = b.evaluate([q, other_query, "unknown_query"], columns, sims, log=log)
+    # ranking of q, itself skipped and the unknown id ignored: neg1, nd1, is1, neg2, ds1
+    # DSVR/CSVR {nd1, ds1} (the other relevant videos have no results): (1/2 + 2/5) / 2
+    assert m["DSVR"] == pytest.approx((1 / 2 + 2 / 5) / 2)
+    assert m["CSVR"] == pytest.approx((1 / 2 + 2 / 5) / 2)  # q has no CS video
+    # ISVR {nd1, is1, ds1, q itself}: upstream keeps q in its relevant set
+    assert m["ISVR"] == pytest.approx((1 / 2 + 2 / 3 + 3 / 5) / 4)
+    text = "\n".join(log)
+    assert "48 queries are missing" in text
+    assert "1 query ids are not FIVR-5K queries" in text
+    assert "1 database ids are not in the FIVR-5K database" in text
+    assert "DSVR: 1 queries have no relevant video" in text and other_query in text
+
+
+def test_fivr_200k_sizes_and_full_ranking():
+    b = FIVR("200k", ANNOTATIONS)
+    assert (len(b.queries), len(b.database)) == (100, 225960)
+    # perfect similarities on a 2-query slice, ND/DS > CS > IS > the rest: AP 1 on every task
+    qs = b.queries[:2]
+    columns = sorted({v for q in qs for vs in b.annotation[q].values() for v in vs} & set(b.database))[:300]
+    columns = list(dict.fromkeys(columns + b.database[:200]))
+    level = {"ND": 3.0, "DS": 3.0, "CS": 2.0, "IS": 1.0}
+    sims = np.array([[max([level[l] for l in level if c in b.annotation[q].get(l, ())] + [0.0]) for c in columns]
+                     for q in qs])
+    m = b.evaluate(qs, columns, sims, log=Log())
+    assert m == {"DSVR": pytest.approx(1.0), "CSVR": pytest.approx(1.0), "ISVR": pytest.approx(1.0)}
+
+
+def test_no_query_in_results_is_an_error(fivr5k):
+    with pytest.raises(UserError, match="none of the FIVR-5K queries"):
+        fivr5k.evaluate(["x"], ["y"], np.zeros((1, 1)), log=Log())
+    with pytest.raises(UserError, match="do not match"):
+        fivr5k.evaluate(["x"], ["y", "z"], np.zeros((1, 1)), log=Log())
+    with pytest.raises(UserError, match="twice"):
+        fivr5k.evaluate([fivr5k.queries[0]], ["y", "y"], np.zeros((1, 2)), log=Log())
+
+
+# --------------------------------------------------------------------------
+# CC_WEB_VIDEO
+
+# query set 1 (query '1/1_1_Y', labelled E in its own set; 341 positives, all counted as upstream)
+CC_COLUMNS = ["1/1_1_Y",    # the query, E
+              "2/2_40_Y",   # not annotated for set 1, excluded
+              "1/1_22_Y",   # X, excluded
+              "2/2_4_Y",    # not annotated for set 1
+              "1/1_5_Y",    # X
+              "1/1_2_Y",    # S
+              "no_such_video"]
+CC_SCORES = [0.99, 0.97, 0.95, 0.93, 0.9, 0.8, 1.0]
+CC_EXPECTED = {
+    "cc_web": (1 + 2 / 4) / 341,         # annotated only: 1_1 (hit), 1_22, 1_5, 1_2 (hit)
+    "cc_web_star": (1 + 2 / 6) / 341,    # whole collection: 1_1, 2_40, 1_22, 2_4, 1_5, 1_2
+    "cc_web_c": (1 + 2 / 3) / 341,       # annotated, without excluded: 1_1, 1_5, 1_2
+    "cc_web_star_c": (1 + 2 / 4) / 341,  # collection, without excluded: 1_1, 2_4, 1_5, 1_2
+}
+
+
+@pytest.fixture(scope="module")
+def tca_only_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tca_annotations")
+    shutil.copy(os.path.join(ANNOTATIONS, "cc_web_video_tca.pickle"), d)
+    return str(d)
+
+
+@pytest.mark.parametrize("pickle_style", ["visil", "tca"])
+@pytest.mark.parametrize("result_style", ["visil", "tca"])
+def test_cc_web_both_id_styles(pickle_style, result_style, tca_only_dir):
+    b = CC_WEB_VIDEO(ANNOTATIONS if pickle_style == "visil" else tca_only_dir)
+    assert len(b.queries) == 24 and len(b.database) == 13115
+    strip = (lambda v: v.rsplit("/", 1)[-1]) if result_style == "tca" else (lambda v: v)
+    log = Log()
+    m = b.evaluate([strip("1/1_1_Y")], [strip(c) for c in CC_COLUMNS], np.array([CC_SCORES]), log=log)
+    assert m == {k: pytest.approx(v) for k, v in CC_EXPECTED.items()}
+    assert any("23 queries are missing" in line for line in log)
+    assert any("1 database ids are not in the CC_WEB_VIDEO database" in line for line in log)
+
+
+def test_cc_web_feature_keys_cover_both_styles():
+    b = CC_WEB_VIDEO(ANNOTATIONS)
+    assert b.feature_keys("1/1_1_Y") == ["1_1_Y", "1/1_1_Y"]
+
+
+# --------------------------------------------------------------------------
+# EVVE
+
+def test_evve_trapezoid_per_event_and_overall():
+    b = EVVE(ANNOTATIONS)
+    assert (len(b.queries), len(b.database), len(b.events)) == (620, 2373, 13)
+    event_a, event_b = sorted(b.events)[:2]
+    qa1, qa2 = sorted(b.events[event_a][0])[:2]
+    qb = sorted(b.events[event_b][0])[0]
+    a1, a2 = sorted(b.events[event_a][1])[:2]
+    b1 = sorted(b.events[event_b][1])[0]
+    n1 = sorted(set(b.database) - b.events[event_a][1] - b.events[event_b][1])[0]
+    columns = [a1, n1, a2, b1, qa1]  # a query among the columns is not a database video: ignored
+    sims = np.array([[0.9, 0.8, 0.7, 0.6, 1.0],   # A positives at ranks 0, 2
+                     [0.9, 0.6, 0.8, 0.7, 1.0],   # A positives at ranks 0, 1
+                     [0.6, 0.9, 0.7, 0.8, 1.0]])  # B positive at rank 1
+    m = b.evaluate([qa1, qa2, qb], columns, sims, log=Log())
+    ap_a1 = (1 + 1) / 2 / 2 + (1 / 2 + 2 / 3) / 2 / 2
+    ap_a2 = 1.0
+    ap_b = (0 + 1 / 2) / 2
+    assert m["events"] == {event_a: pytest.approx((ap_a1 + ap_a2) / 2), event_b: pytest.approx(ap_b)}
+    assert m["mAP"] == pytest.approx((ap_a1 + ap_a2 + ap_b) / 3)
+    assert m["avg_mAP"] == pytest.approx(((ap_a1 + ap_a2) / 2 + ap_b) / 2)
+    assert event_a in b.table(m) and "avg_mAP" in b.table(m)
+
+
+# --------------------------------------------------------------------------
+# VCDB
+
+def test_vcdb_query_not_in_its_own_relevant_set():
+    b = VCDB(ANNOTATIONS)
+    assert len(b.queries) == 528 and len(b.database) == 100306  # 4 ids listed twice in the index
+    q = b.queries[0]
+    gt1, gt2 = sorted(b.ground_truth[q])[:2]
+    background = b.database[600]
+    columns = [q, gt1, background, gt2]
+    m = b.evaluate([q], columns, np.array([[1.0, 0.9, 0.8, 0.7]]), log=Log())
+    # q skipped: gt1 (hit), background, gt2 (hit). Upstream would divide by 3 (q in its ground truth).
+    assert m["mAP"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+# --------------------------------------------------------------------------
+# annotation files
+
+def test_missing_annotation_file_says_where_to_get_it(tmp_path):
+    for name in ("FIVR-5K", "CC_WEB_VIDEO", "EVVE", "VCDB"):
+        with pytest.raises(UserError, match="datasets/README.md"):
+            load_benchmark(name, str(tmp_path))
+
+
+def test_unknown_dataset():
+    with pytest.raises(UserError, match="unknown dataset 'SVD'"):
+        load_benchmark("SVD", ANNOTATIONS)
+
+
+def test_malformed_annotation_file(tmp_path):
+    with open(tmp_path / "fivr.pickle", "wb") as f:
+        pickle.dump({"annotation": {}, "5k": {"queries": []}}, f)  # no 'database'
+    with pytest.raises(UserError, match="not a FIVR annotation file"):
+        FIVR("5k", str(tmp_path))
+    with open(tmp_path / "evve.pickle", "wb") as f:
+        f.write(b"not a pickle at all")
+    with pytest.raises(UserError, match="evve.pickle"):
+        EVVE(str(tmp_path))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "vcdb.pickle", "wb") as f:
+        pickle.dump({"index": [], "video_pairs": [_Exploit()]}, f)
+    with pytest.raises(UserError, match="only plain data"):
+        VCDB(str(tmp_path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_custom_fivr_format_benchmark(tmp_path):
+    """A small benchmark in FIVR's format (what the demo builds) evaluates like the real one."""
+    with open(tmp_path / "fivr.pickle", "wb") as f:
+        pickle.dump({"5k": {"queries": ["q"], "database": {"a", "b", "c"}},
+                     "annotation": {"q": {"ND": ["b"], "IS": ["c"]}}}, f)
+    b = data.load_benchmark("FIVR-5K", str(tmp_path))
+    assert b.database == ["a", "b", "c"]
+    m = b.evaluate(["q"], ["a", "b", "c"], np.array([[0.9, 0.8, 0.1]]), log=Log())
+    assert m["DSVR"] == pytest.approx(1 / 2)
+    assert m["ISVR"] == pytest.approx((1 / 2 + 2 / 3) / 2)
