@@ -206,8 +206,10 @@ def _chunk_bounds(num_frames, padding_size):
     if padding_size <= 0 or num_frames <= padding_size:
         return [(0, num_frames)]
     pieces = -(-num_frames // padding_size)  # ceil
-    edges = np.linspace(0, num_frames, pieces + 1).round().astype(int)  # as np.array_split, lengths differ by <= 1
-    return list(zip(edges[:-1], edges[1:]))
+    # as np.array_split: the first num_frames % pieces chunks get one frame more
+    sizes = [num_frames // pieces + (i < num_frames % pieces) for i in range(pieces)]
+    edges = np.cumsum([0] + sizes)
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
 def encode_videos(model, features, keys, args, desc):

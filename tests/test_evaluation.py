@@ -1,0 +1,255 @@
+"""evaluation.py: similarity files, the command line, model and baseline modes."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, ROOT)
+import evaluation  # noqa: E402
+from model import chamfer_similarity  # noqa: E402
+from utils import l2_normalize  # noqa: E402
+
+ANNOTATIONS = os.path.join(ROOT, "..", "shared", "datasets")
+
+
+def run(argv, capsys):
+    """Run evaluation.py's main in-process; returns (exit status, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["evaluation.py"] + [str(a) for a in argv]
+    try:
+        evaluation.run_main(evaluation.main)
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+# --------------------------------------------------------------------------
+# precomputed similarities on the real FIVR-5K annotation
+
+def fivr5k_case():
+    """Two FIVR-5K queries, a few database columns, a hand-worked mAP."""
+    with open(os.path.join(ANNOTATIONS, "fivr.pickle"), "rb") as f:
+        fivr = pickle.load(f)
+    q1, q2 = fivr["5k"]["queries"][:2]
+    db = fivr["5k"]["database"]
+    rel = lambda q, labels: sorted(set(v for l in labels for v in fivr["annotation"][q].get(l, [])) & db)
+    annotated = {v for q in (q1, q2) for vs in fivr["annotation"][q].values() for v in vs}
+    negatives = sorted(db - annotated)[:3]
+    d1, d2 = rel(q1, ("ND", "DS"))[:2]
+    e1 = rel(q2, ("ND", "DS"))[0]
+    columns = [d1, negatives[0], d2, negatives[1], e1, negatives[2]]
+    sims = np.array([[0.9, 0.8, 0.7, 0.1, 0.0, 0.2],    # q1: d1 rank 1, d2 rank 3
+                     [0.1, 0.2, 0.0, 0.9, 0.8, 0.3]])   # q2: e1 rank 2
+    # DSVR: q1 (1 + 2/3) / 2, q2 1/2
+    expected_dsvr = ((1 + 2 / 3) / 2 + 1 / 2) / 2
+    return [q1, q2], columns, sims, expected_dsvr
+
+
+@pytest.mark.parametrize("ext", [".npz", ".json", ".h5"])
+def test_similarity_files_round_trip_and_json_out(ext, tmp_path, capsys):
+    queries, columns, sims, expected_dsvr = fivr5k_case()
+    path = tmp_path / f"sims{ext}"
+    evaluation.save_similarities(str(path), queries, columns, sims)
+    q, d, s = evaluation.load_similarities(str(path))
+    assert (q, d) == (queries, columns)
+    np.testing.assert_allclose(s, sims)
+    status, out, _ = run(["--dataset", "FIVR-5K", "--annotation_dir", ANNOTATIONS, "--similarities", path,
+                          "--json_out", tmp_path / "m.json"], capsys)
+    assert status == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) == {"DSVR", "CSVR", "ISVR"}
+    assert metrics["DSVR"] == pytest.approx(expected_dsvr)
+    assert "48 queries are missing" in out and "DSVR" in out
+
+
+def test_json_results_with_different_videos_per_query(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"q1": {"a": 0.5, "b": 0.25}, "q2": {"b": 1.0, "c": 0.0}}))
+    q, d, s = evaluation.load_similarities(str(path))
+    assert q == ["q1", "q2"] and d == ["a", "b", "c"]
+    np.testing.assert_array_equal(s, [[0.5, 0.25, np.nan], [np.nan, 1.0, 0.0]])
+
+
+def test_results_csv_appends_rows(tmp_path, capsys):
+    import pandas as pd
+    queries, columns, sims, expected_dsvr = fivr5k_case()
+    evaluation.save_similarities(str(tmp_path / "s.npz"), queries, columns, sims)
+    for _ in range(2):
+        status, _, _ = run(["--dataset", "FIVR-5K", "--annotation_dir", ANNOTATIONS,
+                            "--similarities", tmp_path / "s.npz", "--results_csv", tmp_path / "runs.csv"], capsys)
+        assert status == 0
+    table = pd.read_csv(tmp_path / "runs.csv")
+    assert len(table) == 2
+    assert list(table["dataset"]) == ["FIVR-5K"] * 2
+    assert table["DSVR"].tolist() == pytest.approx([expected_dsvr] * 2)
+    assert {"checkpoint", "metric", "CSVR", "ISVR", "s_per_query"} <= set(table.columns)
+
+
+# --------------------------------------------------------------------------
+# bad input: one line, exit 2, no traceback
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "NOPE", "--similarities", "x.npz"], "unknown dataset 'NOPE'"),
+    (["--dataset", "EVVE", "--annotation_dir", "/nonexistent", "--similarities", "x.npz"], "datasets/README.md"),
+    (["--dataset", "EVVE", "--annotation_dir", ANNOTATIONS], "give --similarities"),
+    (["--dataset", "EVVE", "--annotation_dir", ANNOTATIONS, "--feature_path", "f.h5"], "exactly one of"),
+])
+def test_bad_command_lines(argv, message, capsys):
+    status, _, err = run(argv, capsys)
+    assert status == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_malformed_similarity_files(tmp_path, capsys):
+    cases = {"garbage.npz": b"not a zip", "garbage.json": b"{not json", "list.json": b"[1, 2]",
+             "garbage.h5": b"not hdf5", "sims.txt": b""}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    np.savez(tmp_path / "nokeys.npz", x=np.zeros(2))
+    np.savez(tmp_path / "shape.npz", queries=np.array(["a"]), database=np.array(["b", "c"]),
+             similarities=np.zeros((1, 3)))
+    for name in list(cases) + ["nokeys.npz", "shape.npz", "missing.npz"]:
+        status, _, err = run(["--dataset", "EVVE", "--annotation_dir", ANNOTATIONS,
+                              "--similarities", tmp_path / name], capsys)
+        assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, (name, err)
+        assert name in err
+
+
+def test_error_exit_from_the_shell():
+    result = subprocess.run([sys.executable, "evaluation.py", "--dataset", "FIVR-5K",
+                             "--annotation_dir", "/nonexistent", "--similarities", "x.npz"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: /nonexistent/fivr.pickle: annotation file not found")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_unknown_ids_are_counted_and_ignored(tmp_path, capsys):
+    queries, columns, sims, expected_dsvr = fivr5k_case()
+    sims = np.hstack([sims, [[5.0], [5.0]]])
+    evaluation.save_similarities(str(tmp_path / "s.npz"), queries + [], columns + ["not_a_video"], sims)
+    status, out, _ = run(["--dataset", "FIVR-5K", "--annotation_dir", ANNOTATIONS,
+                          "--similarities", tmp_path / "s.npz", "--json_out", tmp_path / "m.json"], capsys)
+    assert status == 0 and "1 database ids are not in the FIVR-5K database" in out
+    assert json.loads((tmp_path / "m.json").read_text())["DSVR"] == pytest.approx(expected_dsvr)
+
+
+# --------------------------------------------------------------------------
+# model mode on a mini benchmark in FIVR format (what the demo builds)
+
+C = 16
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    """fivr.pickle with 2 queries and 6 database videos, and their features:
+    a is a copy of q1, b a copy of q2 with its frames reversed, the rest noise."""
+    root = tmp_path_factory.mktemp("mini")
+    rng = np.random.default_rng(0)
+    lengths = {"q1": 23, "q2": 9, "a": 23, "b": 9, "n1": 31, "n2": 5, "n3": 17, "n4": 1}
+    videos = {v: rng.standard_normal((t, C)).astype(np.float32) for v, t in lengths.items()}
+    videos["a"] = videos["q1"].copy()
+    videos["b"] = videos["q2"][::-1].copy()
+    with h5py.File(root / "features.hdf5", "w") as f:
+        for v, x in videos.items():
+            f[v] = x
+    with open(root / "fivr.pickle", "wb") as f:
+        pickle.dump({"5k": {"queries": ["q1", "q2"], "database": {"a", "b", "n1", "n2", "n3", "n4", "absent"}},
+                     "annotation": {"q1": {"ND": ["a"]}, "q2": {"DS": ["b"], "IS": ["n3"]}}}, f)
+    return SimpleNamespace(root=root, videos=videos, database=["a", "b", "n1", "n2", "n3", "n4"])
+
+
+def evaluate_mini(mini, capsys, tmp_path, *extra):
+    status, out, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root,
+                            "--feature_path", mini.root / "features.hdf5", "--device", "cpu",
+                            "--save_similarities", tmp_path / "s.npz", "--json_out", tmp_path / "m.json", *extra],
+                           capsys)
+    assert status == 0, err
+    q, d, s = evaluation.load_similarities(str(tmp_path / "s.npz"))
+    assert q == ["q1", "q2"] and d == mini.database  # 'absent' has no features: left out
+    assert "1 of 7 database videos have no features" in out
+    return s, json.loads((tmp_path / "m.json").read_text()), out
+
+
+def test_baseline_cosine_is_mean_of_frames(mini, capsys, tmp_path):
+    s, metrics, out = evaluate_mini(mini, capsys, tmp_path, "--baseline")
+    mean = lambda v: l2_normalize(mini.videos[v].astype(np.float64).mean(0))
+    expected = [[mean(q) @ mean(v) for v in mini.database] for q in ("q1", "q2")]
+    np.testing.assert_allclose(s, expected, atol=1e-5)
+    assert s[0, 0] == pytest.approx(1) and s[1, 1] == pytest.approx(1)  # copy, reversed copy
+    assert metrics["DSVR"] == pytest.approx(1.0)
+    assert "s/query" in out and "KB/video" in out
+
+
+def test_baseline_chamfer_is_chamfer_of_frames(mini, capsys, tmp_path):
+    s, metrics, _ = evaluate_mini(mini, capsys, tmp_path, "--baseline", "--metric", "chamfer")
+    frames = lambda v: l2_normalize(mini.videos[v].astype(np.float64))
+    expected = [[(frames(q) @ frames(v).T).max(1).mean() for v in mini.database] for q in ("q1", "q2")]
+    np.testing.assert_allclose(s, expected, atol=1e-5)
+    assert metrics["DSVR"] == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def tca_checkpoint(tmp_path_factory):
+    from train import build_encoder
+    root = tmp_path_factory.mktemp("tca")
+    args = {"aggregator": "tca", "pca_components": C, "num_layers": 1, "num_clusters": 4, "output_dim": C,
+            "normalize_input": False, "dropout": 0.0}
+    torch.manual_seed(0)
+    model = build_encoder(SimpleNamespace(**args)).eval()
+    torch.save(model.state_dict(), root / "model.pth")
+    (root / "args.json").write_text(json.dumps(args))  # what train.py writes next to model.pth
+    return root / "model.pth", model
+
+
+def test_tca_cosine_chunks_and_batches(mini, capsys, tmp_path, tca_checkpoint):
+    path, model = tca_checkpoint
+    # padding_size 10: q1/a (23 frames) -> chunks of 8, 8, 7 frames; n1 (31) -> 8, 8, 8, 7; q2/b (9) whole
+    s, _, _ = evaluate_mini(mini, capsys, tmp_path, "--model_path", path, "--padding_size", 10)
+
+    def embed(v):
+        x = torch.from_numpy(mini.videos[v])
+        chunks = np.array_split(np.arange(len(x)), -(-len(x) // 10)) if len(x) > 10 else [np.arange(len(x))]
+        with torch.no_grad():
+            parts = [model(x[c].T.unsqueeze(0), torch.tensor([len(c)]))[0] * len(c) for c in chunks]
+        return l2_normalize(torch.stack(parts).sum(0))
+
+    expected = [[float(embed(q) @ embed(v)) for v in mini.database] for q in ("q1", "q2")]
+    np.testing.assert_allclose(s, expected, atol=1e-5)
+    # one video per forward pass gives the same numbers: padding never leaks into the output
+    s_small, _, _ = evaluate_mini(mini, capsys, tmp_path, "--model_path", path, "--padding_size", 10,
+                                  "--frames_per_batch", 1)
+    np.testing.assert_allclose(s_small, s, atol=1e-5)
+
+
+def test_tca_chamfer_whole_videos(mini, capsys, tmp_path, tca_checkpoint):
+    path, model = tca_checkpoint
+    s, _, _ = evaluate_mini(mini, capsys, tmp_path, "--model_path", path, "--padding_size", 0,
+                            "--metric", "chamfer")
+    with torch.no_grad():
+        frames = {v: model.encode(torch.from_numpy(x).T.unsqueeze(0), torch.tensor([len(x)]))[0]
+                  for v, x in mini.videos.items()}
+    for i, q in enumerate(("q1", "q2")):
+        for j, v in enumerate(mini.database):
+            expected = chamfer_similarity(frames[q][None], None, frames[v][None], None)
+            assert s[i, j] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_wrong_checkpoint_is_one_line(mini, capsys, tmp_path, tca_checkpoint):
+    path, _ = tca_checkpoint
+    status, _, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root,
+                          "--feature_path", mini.root / "features.hdf5", "--model_path", path,
+                          "--num_layers", 2, "--device", "cpu"], capsys)
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and "does not fit" in err
