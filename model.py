@@ -1,0 +1,622 @@
+"""Models of TCA (Temporal Context Aggregation for Video Retrieval, Shao et al.,
+WACV 2021) and the similarity functions used to compare their embeddings.
+
+- TCA: a Transformer encoder over the frame features of a video. `forward`
+  gives the video-level embedding (TCA_c), `encode` the frame-level ones
+  (TCA_f, compared with chamfer similarity).
+- NetVLAD, NeXtVLAD, LSTMModule, GRUModule: the other aggregators of the
+  paper's comparison, with the upstream constructor arguments.
+- MoCo: query/key encoders and a queue of negatives (He et al., CVPR 2020).
+- VideoComparator: ViSiL's CNN over a frame-to-frame similarity matrix.
+- cosine_similarity, chamfer_similarity, symmetric_chamfer_similarity: the one
+  implementation of each similarity that training, evaluation and the
+  benchmarks share.
+
+Parameter names are those of the upstream code
+(github.com/xwen99/temporal_context_aggregation), so its state dicts load with
+`strict=True` and give the same outputs in eval mode.
+
+Conventions: a batch of videos is `x` (N, C, T) -- channels before time, as
+upstream -- plus `num_frames` (N,) or (N, 1), the number of valid frames of
+each video; frames at t >= num_frames are padding and never influence the
+output. A `num_frames` larger than T counts as T (upstream's data loader
+passes the uncropped length). `encode` also accepts a list of (T_i, C) videos.
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import concat_all_gather, l2_normalize, make_frame_mask, pad_sequences
+
+# encode(list of videos) pads videos of similar length together, at most this
+# many (padded) frames per forward pass, so memory stays bounded.
+ENCODE_FRAMES_PER_BATCH = 16384
+
+# chamfer similarities are computed in blocks of at most this many
+# frame-to-frame similarities (64 MB in float32).
+CHAMFER_CHUNK_SIZE = 1 << 24
+
+
+# --------------------------------------------------------------------------
+# helpers shared by the aggregators
+
+def _frame_mask(x, num_frames):
+    """Bool (N, T) mask of the valid frames of x (N, C, T), on x's device."""
+    num_frames = torch.as_tensor(num_frames, device=x.device)
+    if num_frames.numel() != x.shape[0]:
+        raise ValueError(f"num_frames has {num_frames.numel()} entries for a batch of {x.shape[0]} videos")
+    return make_frame_mask(num_frames, x.shape[-1])
+
+
+def _check_channels(x, feature_size):
+    if x.dim() != 3 or x.shape[1] != feature_size:
+        raise ValueError(f"expected input (N, C={feature_size}, T), got {tuple(x.shape)}")
+
+
+def _masked_batch_norm(bn, x, frame_mask):
+    """BatchNorm1d over the valid frames of x (N, C, T) only: padding neither
+    enters the batch statistics in training nor gets a value (it stays zero).
+    In eval mode this equals bn(x) on the valid frames."""
+    frames = x.transpose(1, 2)[frame_mask]  # (M, C), M = number of valid frames
+    out = x.new_zeros(x.shape[0], x.shape[2], x.shape[1])  # (N, T, C)
+    out[frame_mask] = bn(frames)
+    return out.transpose(1, 2)  # (N, C, T)
+
+
+def _masked_mean(frames, frame_mask):
+    """Mean of frames (N, T, C) over the valid ones; zero for an empty video."""
+    frames = frames.masked_fill(~frame_mask.unsqueeze(-1), 0)
+    count = frame_mask.sum(1, keepdim=True).clamp(min=1).to(frames.dtype)  # (N, 1)
+    return frames.sum(1) / count  # (N, C)
+
+
+def _encode_list(module, videos, crop=True):
+    """`module.encode` for a list of (T_i, C) videos (arrays or tensors).
+
+    Videos are sorted by length and padded in groups of similar length, which
+    wastes little compute on padding. Returns a list in input order: (T_i, C')
+    frame embeddings when `crop`, otherwise the per-video outputs as they are
+    (the VLADs' (num_clusters, C') descriptors).
+    """
+    param = next(module.parameters())
+    lengths = [len(v) for v in videos]
+    order = sorted(range(len(videos)), key=lengths.__getitem__)
+    out = [None] * len(videos)
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and (stop + 1 - start) * lengths[order[stop]] <= ENCODE_FRAMES_PER_BATCH:
+            stop += 1
+        group = order[start:stop]
+        padded, num_frames = pad_sequences([videos[i] for i in group], dtype=param.dtype, device=param.device)
+        encoded = module.encode(padded.transpose(1, 2), num_frames)  # (n, T, C') or (n, K, C')
+        for i, e in zip(group, encoded):
+            out[i] = e[:lengths[i]] if crop else e
+        start = stop
+    return out
+
+
+# --------------------------------------------------------------------------
+# TCA
+
+class TCA(nn.Module):
+    """Temporal Context Aggregation: self-attention over the frames of a video.
+
+    A post-LayerNorm `nn.TransformerEncoder` with ReLU and no positional
+    encoding (as upstream), with padded frames masked out of the attention.
+
+    pooling='mean' (upstream, TCA_c): masked mean of the frame outputs.
+    pooling='netvlad': a NetVLAD(num_clusters, output_dim) head on the frame
+        outputs (the NetVLAD+Transformer configuration); the video embedding
+        then has output_dim dimensions. Not in the upstream code.
+    """
+
+    def __init__(self, feature_size=1024, nhead=8, nlayers=1, dim_feedforward=2048, dropout=0.1,
+                 pooling='mean', num_clusters=256, output_dim=1024):
+        super().__init__()
+        if pooling not in ('mean', 'netvlad'):
+            raise ValueError(f"pooling must be 'mean' or 'netvlad', got {pooling!r}")
+        self.feature_size = feature_size
+        self.pooling = pooling
+        # the module holds the parameters (upstream names); frame_features runs it
+        layer = nn.TransformerEncoderLayer(d_model=feature_size, nhead=nhead, dim_feedforward=dim_feedforward,
+                                           dropout=dropout, activation='relu', batch_first=True, norm_first=False)
+        self.transformer_encoder = nn.TransformerEncoder(layer, nlayers, enable_nested_tensor=False)
+        if pooling == 'netvlad':
+            self.netvlad = NetVLAD(feature_size, num_clusters=num_clusters, output_dim=output_dim)
+        self.output_dim = output_dim if pooling == 'netvlad' else feature_size
+
+    def frame_features(self, x, num_frames):
+        """Transformer outputs (N, T, C) of x (N, C, T), zero on padded frames,
+        and the (N, T) mask of valid frames."""
+        _check_channels(x, self.feature_size)
+        frame_mask = _frame_mask(x, num_frames)  # (N, T)
+        # The layers' computation is spelled out here instead of calling
+        # self.transformer_encoder: the token-wise parts (projections,
+        # feed-forward, LayerNorm) then run on the valid frames only, and the
+        # output never depends on PyTorch's inference fast path, which is
+        # slower on CPU and returns zeros at padded frames where the regular
+        # path returns garbage. Same parameters, same result.
+        tokens = x.transpose(1, 2)[frame_mask]  # (M, C), M valid frames
+        for layer in self.transformer_encoder.layers:
+            attended = _self_attention(layer.self_attn, tokens, frame_mask, self.training)
+            tokens = layer.norm1(tokens + layer.dropout1(attended))
+            hidden = layer.dropout(layer.activation(layer.linear1(tokens)))
+            tokens = layer.norm2(tokens + layer.dropout2(layer.linear2(hidden)))
+        out = tokens.new_zeros(x.shape[0], x.shape[2], x.shape[1])  # (N, T, C)
+        out[frame_mask] = tokens
+        return out, frame_mask
+
+    def forward(self, x, num_frames=None):
+        """Video embeddings (N, output_dim), L2-normalised, of x (N, C, T)."""
+        if isinstance(x, (list, tuple)):
+            x, num_frames = _pad_videos(self, x)
+        frames, frame_mask = self.frame_features(x, num_frames)
+        if self.pooling == 'netvlad':
+            return self.netvlad(frames.transpose(1, 2), frame_mask.sum(1))
+        return l2_normalize(_masked_mean(frames, frame_mask))  # (N, C)
+
+    def encode(self, x, num_frames=None):
+        """Frame embeddings, L2-normalised per frame: (N, T, C) for x (N, C, T),
+        with padded frames zero; a list of (T_i, C) for a list of (T_i, C)."""
+        if isinstance(x, (list, tuple)):
+            return _encode_list(self, x)
+        frames, _ = self.frame_features(x, num_frames)
+        return l2_normalize(frames)  # zero frames stay zero
+
+
+def _self_attention(attn, tokens, frame_mask, training):
+    """nn.MultiheadAttention `attn` (its in_proj/out_proj weights and dropout)
+    applied to the valid frames tokens (M, C) of videos with mask (N, T), each
+    frame attending to the valid frames of its own video. Returns (M, C)."""
+    N, T = frame_mask.shape
+    C = tokens.shape[1]
+    heads = attn.num_heads
+    qkv = tokens.new_zeros(N, T, 3 * C)
+    qkv[frame_mask] = F.linear(tokens, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(N, T, 3, heads, C // heads).permute(2, 0, 3, 1, 4)  # each (N, heads, T, C / heads)
+    # an empty video attends to its first (zero) slot rather than to nothing,
+    # which would be a NaN softmax; its outputs are dropped anyway
+    key_mask = frame_mask.clone()
+    key_mask[:, 0] = True
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
+                                         dropout_p=attn.dropout if training else 0.0)  # (N, heads, T, C / heads)
+    out = out.transpose(1, 2).reshape(N, T, C)[frame_mask]  # (M, C)
+    return attn.out_proj(out)
+
+
+def _pad_videos(module, videos):
+    """A list of (T_i, C) videos as a padded (N, C, T) batch and num_frames (N,)
+    on the module's device and dtype."""
+    param = next(module.parameters())
+    padded, num_frames = pad_sequences(videos, dtype=param.dtype, device=param.device)
+    return padded.transpose(1, 2), num_frames
+
+
+# --------------------------------------------------------------------------
+# NetVLAD and NeXtVLAD
+
+class NetVLAD(nn.Module):
+    """NetVLAD pooling (Arandjelovic et al., CVPR 2016) with context gating
+    (Miech et al., 2017), as in upstream.
+
+    forward: (N, output_dim) L2-normalised video embedding.
+    encode: (N, num_clusters, feature_size) intra-normalised VLAD residuals
+        (upstream's frame-level output of this model).
+    """
+
+    def __init__(self, feature_size, num_clusters=256, output_dim=1024, normalize_input=True, alpha=1.0,
+                 drop_rate=0.5, gating_reduction=8):
+        super().__init__()
+        self.feature_size = feature_size
+        self.num_clusters = num_clusters
+        self.normalize_input = normalize_input
+        self.alpha = alpha
+        self.output_dim = output_dim
+
+        self.bn1 = nn.BatchNorm1d(feature_size)
+        self.conv = nn.Conv1d(feature_size, num_clusters, kernel_size=1, bias=True)  # soft-assignment
+        self.centroids = nn.Parameter(torch.rand(num_clusters, feature_size))
+        self.bn2 = nn.BatchNorm1d(feature_size * num_clusters)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc1 = nn.Linear(feature_size * num_clusters, output_dim)
+        self.bn3 = nn.BatchNorm1d(output_dim)
+        # context gating
+        self.fc2 = nn.Linear(output_dim, output_dim // gating_reduction)
+        self.bn4 = nn.BatchNorm1d(output_dim // gating_reduction)
+        self.fc3 = nn.Linear(output_dim // gating_reduction, output_dim)
+        # initialise the assignment from the centroids, as upstream does
+        # (its bias uses the centroid norm, not the squared norm of the paper)
+        with torch.no_grad():
+            self.conv.weight.copy_(2.0 * alpha * self.centroids.unsqueeze(-1))
+            self.conv.bias.copy_(-alpha * self.centroids.norm(dim=1))
+
+    def residuals(self, x, num_frames):
+        """Intra-normalised VLAD (N, num_clusters, feature_size) of x (N, C, T)."""
+        _check_channels(x, self.feature_size)
+        frame_mask = _frame_mask(x, num_frames)  # (N, T)
+        x = _masked_batch_norm(self.bn1, x, frame_mask)
+        if self.normalize_input:
+            x = l2_normalize(x, dim=1)
+        soft_assign = F.softmax(self.conv(x), dim=1)  # (N, K, T)
+        soft_assign = soft_assign * frame_mask.unsqueeze(1).to(x.dtype)
+        vlad = torch.bmm(soft_assign, x.transpose(1, 2))  # (N, K, C)
+        vlad = vlad - self.centroids * soft_assign.sum(-1, keepdim=True)
+        return l2_normalize(vlad, dim=2)
+
+    def forward(self, x, num_frames=None):
+        if isinstance(x, (list, tuple)):
+            x, num_frames = _pad_videos(self, x)
+        vlad = self.residuals(x, num_frames).flatten(1)  # (N, K * C)
+        return _gated_embedding(self, vlad)
+
+    def encode(self, x, num_frames=None):
+        if isinstance(x, (list, tuple)):
+            return _encode_list(self, x, crop=False)
+        return self.residuals(x, num_frames)
+
+
+def _gated_embedding(vlad_module, vlad):
+    """The VLADs' head: BN, dropout, fc + BN, context gating, L2 norm."""
+    m = vlad_module
+    activation = m.bn3(m.fc1(m.drop(m.bn2(vlad))))  # (N, output_dim)
+    gates = torch.sigmoid(m.fc3(F.relu(m.bn4(m.fc2(activation)))))  # (N, output_dim)
+    return l2_normalize(activation * gates)
+
+
+class NeXtVLAD(nn.Module):
+    """NeXtVLAD pooling (Lin et al., 2018) with context gating, as in upstream.
+
+    The grouping follows upstream's reshapes exactly (channel f * groups + g of
+    the expanded features belongs to group g), so its checkpoints give the
+    same outputs. forward/encode as NetVLAD.
+    """
+
+    def __init__(self, feature_size, num_clusters=64, output_dim=1024, normalize_input=True, expansion=2,
+                 groups=8, drop_rate=0.5, gating_reduction=8):
+        super().__init__()
+        self.feature_size = feature_size
+        self.num_clusters = num_clusters
+        self.normalize_input = normalize_input
+        self.expansion = expansion
+        self.groups = groups
+        self.output_dim = output_dim
+        group_size = feature_size * expansion // groups
+
+        self.conv1 = nn.Conv1d(feature_size, feature_size * expansion, kernel_size=1, bias=True)
+        self.conv2 = nn.Conv1d(feature_size * expansion, groups, kernel_size=1, bias=True)  # group attention
+        self.conv3 = nn.Conv1d(feature_size * expansion, num_clusters * groups, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm1d(num_clusters * groups)
+        self.centroids = nn.Parameter(torch.rand(num_clusters, group_size))
+        self.bn2 = nn.BatchNorm1d(group_size * num_clusters)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc1 = nn.Linear(group_size * num_clusters, output_dim)
+        self.bn3 = nn.BatchNorm1d(output_dim)
+        self.fc2 = nn.Linear(output_dim, output_dim // gating_reduction)
+        self.bn4 = nn.BatchNorm1d(output_dim // gating_reduction)
+        self.fc3 = nn.Linear(output_dim // gating_reduction, output_dim)
+
+    def residuals(self, x, num_frames):
+        """Intra-normalised VLAD (N, num_clusters, feature_size * expansion // groups)."""
+        _check_channels(x, self.feature_size)
+        N = x.shape[0]
+        frame_mask = _frame_mask(x, num_frames)  # (N, T)
+        if self.normalize_input:
+            x = l2_normalize(x, dim=1)
+        x = self.conv1(x)  # (N, C * E, T)
+        attention = torch.sigmoid(self.conv2(x)) * frame_mask.unsqueeze(1).to(x.dtype)  # (N, G, T)
+        attention = attention.reshape(N, 1, -1)  # (N, 1, G * T)
+        activation = _masked_batch_norm(self.bn1, self.conv3(x), frame_mask)  # (N, K * G, T)
+        activation = F.softmax(activation.reshape(N, self.num_clusters, -1), dim=1)  # (N, K, G * T)
+        activation = activation * attention
+        group_features = x.reshape(N, self.feature_size * self.expansion // self.groups, -1)  # (N, C*E/G, G * T)
+        vlad = torch.bmm(activation, group_features.transpose(1, 2))  # (N, K, C*E/G)
+        vlad = vlad - self.centroids * activation.sum(-1, keepdim=True)
+        return l2_normalize(vlad, dim=2)
+
+    def forward(self, x, num_frames=None):
+        if isinstance(x, (list, tuple)):
+            x, num_frames = _pad_videos(self, x)
+        return _gated_embedding(self, self.residuals(x, num_frames).flatten(1))
+
+    def encode(self, x, num_frames=None):
+        if isinstance(x, (list, tuple)):
+            return _encode_list(self, x, crop=False)
+        return self.residuals(x, num_frames)
+
+
+# --------------------------------------------------------------------------
+# recurrent baselines
+
+class _RecurrentModule(nn.Module):
+    """BatchNorm over the input frames, then a recurrent network; forward is
+    the masked mean of its outputs, encode the outputs themselves."""
+
+    def __init__(self, rnn_class, rnn_name, feature_size, output_dim, nhid, nlayers, dropout):
+        super().__init__()
+        if output_dim != nhid:
+            # upstream ignores output_dim: the embedding has nhid dimensions
+            raise ValueError(f"output_dim ({output_dim}) must equal nhid ({nhid}): the embedding is the hidden state")
+        self.feature_size = feature_size
+        self.nhid = nhid
+        self.nlayers = nlayers
+        self.output_dim = output_dim
+        self.dropout = dropout
+        self._rnn_name = rnn_name
+        setattr(self, rnn_name, rnn_class(input_size=feature_size, hidden_size=nhid, num_layers=nlayers,
+                                          dropout=dropout, batch_first=True))
+        self.bn1 = nn.BatchNorm1d(feature_size)
+
+    def frame_features(self, x, num_frames):
+        """Recurrent outputs (N, T, nhid), zero on padded frames, and the mask."""
+        _check_channels(x, self.feature_size)
+        frame_mask = _frame_mask(x, num_frames)
+        x = _masked_batch_norm(self.bn1, x, frame_mask)
+        # padding comes after the valid frames, so a forward recurrence leaves
+        # the valid outputs untouched
+        out, _ = getattr(self, self._rnn_name)(x.transpose(1, 2))  # (N, T, nhid)
+        return out.masked_fill(~frame_mask.unsqueeze(-1), 0), frame_mask
+
+    def forward(self, x, num_frames=None):
+        if isinstance(x, (list, tuple)):
+            x, num_frames = _pad_videos(self, x)
+        return l2_normalize(_masked_mean(*self.frame_features(x, num_frames)))  # (N, nhid)
+
+    def encode(self, x, num_frames=None):
+        if isinstance(x, (list, tuple)):
+            return _encode_list(self, x)
+        return l2_normalize(self.frame_features(x, num_frames)[0])  # (N, T, nhid)
+
+
+class LSTMModule(_RecurrentModule):
+    def __init__(self, feature_size=1024, output_dim=1024, nhid=1024, nlayers=2, dropout=0.2):
+        super().__init__(nn.LSTM, 'LSTM', feature_size, output_dim, nhid, nlayers, dropout)
+
+
+class GRUModule(_RecurrentModule):
+    def __init__(self, feature_size=1024, output_dim=1024, nhid=1024, nlayers=2, dropout=0.2):
+        super().__init__(nn.GRU, 'GRU', feature_size, output_dim, nhid, nlayers, dropout)
+
+
+# --------------------------------------------------------------------------
+# MoCo
+
+class MoCo(nn.Module):
+    """Momentum Contrast (He et al., "Momentum Contrast for Unsupervised Visual
+    Representation Learning", CVPR 2020, arxiv.org/abs/1911.05722) as TCA uses
+    it: the anchor goes through the query encoder, its positive and the
+    negatives through the momentum (key) encoder; logits are the anchor
+    against its positive and against the queue, and the negatives' keys,
+    gathered from all workers, are then enqueued.
+
+    dim: embedding size of base_encoder; K: queue length; m: momentum of the
+    key encoder (m=0 copies the query encoder); T: softmax temperature.
+    """
+
+    def __init__(self, base_encoder, dim=1024, K=65536, m=0.999, T=0.07):
+        super().__init__()
+        self.K = K
+        self.m = m
+        self.T = T
+        self.encoder_q = base_encoder
+        self.encoder_k = copy.deepcopy(base_encoder)
+        for param_k in self.encoder_k.parameters():
+            param_k.requires_grad = False  # updated by momentum only
+        self.register_buffer("queue", l2_normalize(torch.randn(dim, K), dim=0))  # (dim, K)
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.mul_(self.m).add_(param_q.detach(), alpha=1.0 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        """Write keys (B, dim) from every worker into the queue at queue_ptr,
+        wrapping around its end (upstream asserts K % B == 0 instead, which
+        fails with its own README's settings). With B > K only the last K
+        keys are kept."""
+        keys = concat_all_gather(keys)
+        batch_size = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        positions = (ptr + torch.arange(batch_size, device=self.queue.device)) % self.K
+        if batch_size > self.K:
+            keys, positions = keys[-self.K:], positions[-self.K:]
+        self.queue[:, positions] = keys.t().to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + batch_size) % self.K
+
+    def forward(self, a, p, n, len_a, len_p, len_n):
+        """a, p: anchors and positives (N, C, T); n: negatives (N, C, T) or
+        (N, neg_num, C, T); len_*: their num_frames ((N,) or (N, neg_num)).
+        Returns logits (N, 1 + K) -- column 0 the positive -- and labels (N,)
+        of zeros."""
+        if n.dim() == 4:
+            n = n.reshape(-1, n.shape[2], n.shape[3])  # (N * neg_num, C, T)
+            len_n = len_n.reshape(-1)
+        q = l2_normalize(self.encoder_q(a, len_a), dim=1)  # (N, dim)
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            p = l2_normalize(self.encoder_k(p, len_p), dim=1)  # (N, dim)
+            k = l2_normalize(self.encoder_k(n, len_n), dim=1)  # (N * neg_num, dim)
+        l_pos = (q * p).sum(1, keepdim=True)  # (N, 1)
+        l_neg = q @ self.queue.clone().detach()  # (N, K)
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        self._dequeue_and_enqueue(k)
+        return logits, labels
+
+
+# --------------------------------------------------------------------------
+# ViSiL's video comparator
+
+class VideoComparator(nn.Module):
+    """ViSiL's CNN (Kordopatis-Zilos et al., ICCV 2019) that refines a
+    frame-to-frame similarity matrix (m, n) into a (~m/4, ~n/4) one, with
+    upstream's output mapping clamp(s, -1, 1) / 2 + 0.5. Parameter names
+    (conv1, conv2, conv3, fconv) match upstream and the PyTorch ViSiL."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad = nn.ReplicationPad2d(1)
+        self.conv1 = nn.Conv2d(1, 32, (3, 3))
+        self.mpool1 = nn.MaxPool2d((2, 2), 2)
+        self.conv2 = nn.Conv2d(32, 64, (3, 3))
+        self.mpool2 = nn.MaxPool2d((2, 2), 2)
+        self.conv3 = nn.Conv2d(64, 128, (3, 3))
+        self.fconv = nn.Conv2d(128, 1, (1, 1))
+
+    def forward(self, sim_matrix):
+        """sim_matrix (m, n) or (B, m, n) -> (m', n') or (B, m', n')."""
+        batch_shape = sim_matrix.shape[:-2]
+        sim = sim_matrix.reshape(-1, 1, *sim_matrix.shape[-2:])  # (B, 1, m, n)
+        sim = self.mpool1(F.relu(self.conv1(self.pad(sim))))
+        sim = self.mpool2(F.relu(self.conv2(self.pad(sim))))
+        sim = self.fconv(F.relu(self.conv3(self.pad(sim))))
+        sim = torch.clamp(sim, -1.0, 1.0) / 2.0 + 0.5
+        return sim.reshape(*batch_shape, *sim.shape[-2:])
+
+
+# --------------------------------------------------------------------------
+# similarities
+
+def cosine_similarity(queries, database):
+    """Cosine similarity (Q, D) of video embeddings queries (Q, C) and
+    database (D, C)."""
+    return l2_normalize(queries) @ l2_normalize(database).t()
+
+
+def chamfer_similarity(query, query_num_frames, database, database_num_frames,
+                       chunk_size=CHAMFER_CHUNK_SIZE, comparator=None):
+    """Chamfer similarity (Q, D) of frame embeddings (ViSiL): for each query
+    video, the mean over its valid frames of the best dot product with any
+    valid frame of the database video.
+
+    query (Q, Tq, C), database (D, Td, C); *_num_frames (Q,) / (D,), or None
+    when every frame is valid. A video without frames scores 0.
+    chunk_size bounds the frame-to-frame similarities held at once (memory
+    is about max(chunk_size, longest video) elements), whatever the lengths.
+    comparator: an optional VideoComparator applied to each pair's similarity
+    matrix first (upstream's --use_comparator); that path loops over pairs.
+    """
+    return _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, comparator, False)
+
+
+def symmetric_chamfer_similarity(query, query_num_frames, database, database_num_frames,
+                                 chunk_size=CHAMFER_CHUNK_SIZE, comparator=None):
+    """(chamfer(query, database) + chamfer(database, query)^T) / 2, (Q, D).
+    Both directions come from the same frame-to-frame similarities."""
+    return _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, comparator, True)
+
+
+def _as_frames(x, num_frames):
+    x = torch.as_tensor(x)
+    if x.dim() != 3:
+        raise ValueError(f"expected frame embeddings (N, T, C), got {tuple(x.shape)}")
+    if num_frames is None:
+        num_frames = torch.full((x.shape[0],), x.shape[1], device=x.device)
+    num_frames = torch.as_tensor(num_frames, device=x.device).reshape(-1).long().clamp(0, x.shape[1])
+    if num_frames.numel() != x.shape[0]:
+        raise ValueError(f"num_frames has {num_frames.numel()} entries for {x.shape[0]} videos")
+    return x, num_frames
+
+
+def _replicate_padding(x, num_frames):
+    """Fill the padded frames of x (n, T, C) with each video's first frame:
+    a duplicate never changes a max, so no mask is needed on the similarity
+    matrix. Every video must have a frame."""
+    valid = torch.arange(x.shape[1], device=x.device) < num_frames.unsqueeze(1)  # (n, T)
+    return torch.where(valid.unsqueeze(-1), x, x[:, :1])
+
+
+def _length_blocks(order, lengths, budget):
+    """Split videos, sorted by length, into consecutive blocks whose padded
+    size (count * longest length) fits in budget (at least one video each).
+    Yields (indices, padded length)."""
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and (stop + 1 - start) * lengths[stop] <= budget:
+            stop += 1
+        yield order[start:stop], lengths[stop - 1]
+        start = stop
+
+
+def _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, comparator, symmetric):
+    query, qn = _as_frames(query, query_num_frames)
+    database, dn = _as_frames(database, database_num_frames)
+    if query.shape[2] != database.shape[2]:
+        raise ValueError(f"query has {query.shape[2]} channels, database {database.shape[2]}")
+    if comparator is not None:
+        return _comparator_chamfer(query, qn, database, dn, comparator, symmetric)
+    out = query.new_zeros(query.shape[0], database.shape[0])  # (Q, D)
+    # Sorting videos by length and padding them in blocks of similar length
+    # keeps the work on padding small; empty videos are skipped (score 0).
+    q_order = torch.argsort(qn)
+    q_order = q_order[qn[q_order] > 0]
+    d_order = torch.argsort(dn)
+    d_order = d_order[dn[d_order] > 0]
+    q_lengths, d_lengths = qn[q_order].tolist(), dn[d_order].tolist()
+    if not q_lengths or not d_lengths:
+        return out
+    # Query blocks of about sqrt(chunk_size) frames (more if the database is
+    # small) and database blocks filling the rest of the chunk keep each
+    # matrix product large and square enough to run near peak speed.
+    row_budget = max(math.isqrt(chunk_size), chunk_size // sum(d_lengths))
+    for q_idx, q_len in _length_blocks(q_order, q_lengths, row_budget):
+        q_block = _replicate_padding(query[q_idx, :q_len], qn[q_idx])  # (nq, Tq, C)
+        col_budget = max(1, chunk_size // (len(q_idx) * q_len))
+        for d_idx, d_len in _length_blocks(d_order, d_lengths, col_budget):
+            d_block = _replicate_padding(database[d_idx, :d_len], dn[d_idx])  # (nd, Td, C)
+            sims = _chamfer_block(q_block, qn[q_idx], d_block, dn[d_idx], chunk_size, symmetric)
+            out[q_idx.unsqueeze(1), d_idx.unsqueeze(0)] = sims
+    return out
+
+
+def _chamfer_block(q_block, qn, d_block, dn, chunk_size, symmetric):
+    """Chamfer (or symmetric chamfer) similarities (nq, nd) between a block of
+    queries (nq, Tq, C) and of database videos (nd, Td, C), both padded by
+    replication. Queries are cut into pieces (whole videos, or frame ranges
+    of one long video) of at most chunk_size similarities."""
+    nq, q_len, C = q_block.shape
+    nd, d_len, _ = d_block.shape
+    columns = nd * d_len
+    d_matrix = d_block.reshape(columns, C).t()  # (C, nd * Td)
+    q_valid = (torch.arange(q_len, device=qn.device) < qn.unsqueeze(1)).to(q_block.dtype)  # (nq, Tq)
+    q_to_d = q_block.new_zeros(nq, nd)  # sum over valid query frames of the best database frame
+    d_to_q = q_block.new_full((nq, nd, d_len), -math.inf) if symmetric else None  # best query frame
+    videos_per_piece = max(1, chunk_size // (q_len * columns))
+    frames_per_piece = q_len if q_len * columns <= chunk_size else max(1, chunk_size // columns)
+    for i in range(0, nq, videos_per_piece):
+        j = min(i + videos_per_piece, nq)
+        for t in range(0, q_len, frames_per_piece):
+            u = min(t + frames_per_piece, q_len)
+            piece = q_block[i:j, t:u].reshape(-1, C)  # ((j-i) * (u-t), C)
+            sims = torch.mm(piece, d_matrix).view(j - i, u - t, nd, d_len)
+            q_to_d[i:j] += torch.einsum('qtd,qt->qd', sims.amax(3), q_valid[i:j, t:u])
+            if symmetric:
+                d_to_q[i:j] = torch.maximum(d_to_q[i:j], sims.amax(1))
+    result = q_to_d / qn.unsqueeze(1).to(q_to_d.dtype)
+    if symmetric:
+        d_valid = (torch.arange(d_len, device=dn.device) < dn.unsqueeze(1)).to(d_to_q.dtype)  # (nd, Td)
+        reverse = (d_to_q * d_valid).sum(2) / dn.to(d_to_q.dtype)  # (nq, nd)
+        result = (result + reverse) / 2
+    return result
+
+
+def _comparator_chamfer(query, qn, database, dn, comparator, symmetric):
+    """Chamfer through the VideoComparator, one pair at a time (the CNN's
+    replication padding makes a pair's result depend on its matrix size)."""
+    out = query.new_zeros(query.shape[0], database.shape[0])
+    for i in range(query.shape[0]):
+        for j in range(database.shape[0]):
+            if qn[i] == 0 or dn[j] == 0:
+                continue
+            sim = query[i, :qn[i]] @ database[j, :dn[j]].t()  # (Tq_i, Td_j)
+            score = comparator(sim).amax(1).mean()
+            if symmetric:
+                score = (score + comparator(sim.t()).amax(1).mean()) / 2
+            out[i, j] = score
+    return out
