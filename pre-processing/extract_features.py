@@ -284,7 +284,7 @@ def main():
         for video_id, path, features, error in extract_videos(model, items, args.batch_size, args.device,
                                                               args.channels_last, args.bf16):
             if error is not None:
-                tqdm.write(f"skipping {video_id} ({path}): {error}")
+                tqdm.write(f"skipping {video_id} ({path}): {error}", file=sys.stderr)
                 failures.append((video_id, path, error))
             else:
                 writer.add(video_id, features.numpy())

@@ -233,7 +233,7 @@ def main():
         pool, results = None, map(_decode_and_save, jobs)
     for video_id, path, count, error in tqdm(results, total=len(jobs), unit="video"):
         if error is not None:
-            tqdm.write(f"skipping {video_id} ({path}): {error}")
+            tqdm.write(f"skipping {video_id} ({path}): {error}", file=sys.stderr)
             failures.append((video_id, path, error))
         num_frames += count
     if pool is not None:
