@@ -212,7 +212,31 @@ def _chunk_bounds(num_frames, padding_size):
     return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
-def encode_videos(model, features, keys, args, desc):
+def find_features(features, benchmark, ids, what, args, model):
+    """The ids of `ids` that have features (of at least one frame), their keys
+    in the HDF5 file and their lengths; the others are reported and left out,
+    as upstream leaves them out of the available subset."""
+    from tqdm import tqdm
+    channels = getattr(model, "feature_size", None)
+    found, missing = [], []
+    for v in tqdm(ids, desc=f"{what}: finding features", leave=False):
+        key = next((k for k in benchmark.feature_keys(v) if k in features), None)
+        shape = features[key].shape if key is not None else (0,)
+        if shape[0] == 0:
+            missing.append(v)
+            continue
+        channels = channels or shape[-1]
+        if len(shape) != 2 or shape[1] != channels:
+            raise UserError(f"{args.feature_path}: video {key} has features of shape {shape}, expected "
+                            f"(frames, {channels})" + (" (see --pca_components)" if model is not None else ""))
+        found.append((v, key, shape[0]))
+    if missing:
+        print(f"warning: {len(missing)} of {len(ids)} {what} have no features in {args.feature_path} "
+              f"(e.g. {missing[0]}); they are left out")
+    return [f[0] for f in found], [f[1] for f in found], np.array([f[2] for f in found], dtype=np.int64)
+
+
+def encode_videos(model, features, keys, lengths, args, desc):
     """Yield (indices into keys, representations) in batches of similar length.
 
     Representations: (n, C) video embeddings for cosine, or padded frame
@@ -222,7 +246,6 @@ def encode_videos(model, features, keys, args, desc):
     from tqdm import tqdm
     from utils import l2_normalize, pad_sequences
 
-    lengths = np.array([features[k].shape[0] for k in tqdm(keys, desc=f"{desc}: lengths", leave=False)])
     order = np.argsort(lengths, kind="stable")
     frame_level = args.metric != "cosine"
     vlad_output = model is not None and hasattr(model, "residuals")  # NetVLAD/NeXtVLAD encode clusters, not frames
@@ -286,24 +309,17 @@ def model_similarities(args, benchmark):
                   "symmetric_chamfer": symmetric_chamfer_similarity}[args.metric]
     features = open_features(args.feature_path)
     with features:
-        def available(ids, what):
-            found = [(v, next((k for k in benchmark.feature_keys(v) if k in features), None)) for v in ids]
-            missing = [v for v, k in found if k is None]
-            if missing:
-                print(f"warning: {len(missing)} of {len(ids)} {what} have no features in {args.feature_path} "
-                      f"(e.g. {missing[0]}); they are left out")
-            found = [(v, k) for v, k in found if k is not None]
-            return [v for v, _ in found], [k for _, k in found]
-
-        query_ids, query_keys = available(benchmark.queries, "queries")
-        database_ids, database_keys = available(benchmark.database, "database videos")
+        query_ids, query_keys, query_lengths = find_features(features, benchmark, benchmark.queries,
+                                                             "queries", args, model)
+        database_ids, database_keys, database_lengths = find_features(features, benchmark, benchmark.database,
+                                                                      "database videos", args, model)
         if not query_ids or not database_ids:
             raise UserError(f"{args.feature_path}: no features for the {benchmark.name} "
                             f"{'queries' if not query_ids else 'database'} (are these the right features?)")
 
         t0 = time.perf_counter()
         encoded = [None] * len(query_ids)
-        for idx, rep in encode_videos(model, features, query_keys, args, "queries"):
+        for idx, rep in encode_videos(model, features, query_keys, query_lengths, args, "queries"):
             for n, i in enumerate(idx):
                 encoded[i] = rep[n] if args.metric == "cosine" else rep[0][n, :rep[1][n]]
         if args.metric == "cosine":
@@ -315,7 +331,7 @@ def model_similarities(args, benchmark):
         similarities = np.full((len(query_ids), len(database_ids)), np.nan, dtype=np.float32)
         similarity_seconds, stored_values = 0.0, 0
         t0 = time.perf_counter()
-        for idx, rep in encode_videos(model, features, database_keys, args, "database"):
+        for idx, rep in encode_videos(model, features, database_keys, database_lengths, args, "database"):
             t1 = time.perf_counter()
             with torch.no_grad():
                 if args.metric == "cosine":
@@ -375,6 +391,12 @@ def main():
     else:
         import torch
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise UserError(f"--device {args.device}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: CUDA is not available on this machine")
         query_ids, database_ids, similarities, stats = model_similarities(args, benchmark)
         if args.save_similarities:
             save_similarities(args.save_similarities, query_ids, database_ids, similarities)

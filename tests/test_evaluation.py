@@ -165,8 +165,10 @@ def mini(tmp_path_factory):
     with h5py.File(root / "features.hdf5", "w") as f:
         for v, x in videos.items():
             f[v] = x
+        f["empty"] = np.zeros((0, C), np.float32)  # no frames: left out like a video without features
     with open(root / "fivr.pickle", "wb") as f:
-        pickle.dump({"5k": {"queries": ["q1", "q2"], "database": {"a", "b", "n1", "n2", "n3", "n4", "absent"}},
+        pickle.dump({"5k": {"queries": ["q1", "q2"],
+                            "database": {"a", "b", "n1", "n2", "n3", "n4", "absent", "empty"}},
                      "annotation": {"q1": {"ND": ["a"]}, "q2": {"DS": ["b"], "IS": ["n3"]}}}, f)
     return SimpleNamespace(root=root, videos=videos, database=["a", "b", "n1", "n2", "n3", "n4"])
 
@@ -178,8 +180,8 @@ def evaluate_mini(mini, capsys, tmp_path, *extra):
                            capsys)
     assert status == 0, err
     q, d, s = evaluation.load_similarities(str(tmp_path / "s.npz"))
-    assert q == ["q1", "q2"] and d == mini.database  # 'absent' has no features: left out
-    assert "1 of 7 database videos have no features" in out
+    assert q == ["q1", "q2"] and d == mini.database  # 'absent' and 'empty' are left out
+    assert "2 of 8 database videos have no features" in out
     return s, json.loads((tmp_path / "m.json").read_text()), out
 
 
@@ -253,3 +255,13 @@ def test_wrong_checkpoint_is_one_line(mini, capsys, tmp_path, tca_checkpoint):
                           "--feature_path", mini.root / "features.hdf5", "--model_path", path,
                           "--num_layers", 2, "--device", "cpu"], capsys)
     assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and "does not fit" in err
+
+
+def test_features_of_the_wrong_size_are_one_line(tmp_path, mini, capsys, tca_checkpoint):
+    path, _ = tca_checkpoint
+    with h5py.File(tmp_path / "f.hdf5", "w") as f:
+        for v in ("q1", "q2", "a"):
+            f[v] = np.zeros((3, C // 2), np.float32)
+    status, _, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root, "--feature_path",
+                          tmp_path / "f.hdf5", "--model_path", path, "--device", "cpu"], capsys)
+    assert status == 2 and err.count("\n") == 1 and f"expected (frames, {C})" in err
