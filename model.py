@@ -110,8 +110,9 @@ class TCA(nn.Module):
 
     pooling='mean' (upstream, TCA_c): masked mean of the frame outputs.
     pooling='netvlad': a NetVLAD(num_clusters, output_dim) head on the frame
-        outputs (the NetVLAD+Transformer configuration); the video embedding
-        then has output_dim dimensions. Not in the upstream code.
+        outputs (the NetVLAD+Transformer configuration), its dropout rate
+        `dropout`; the video embedding then has output_dim dimensions. Not in
+        the upstream code.
     """
 
     def __init__(self, feature_size=1024, nhead=8, nlayers=1, dim_feedforward=2048, dropout=0.1,
@@ -126,7 +127,7 @@ class TCA(nn.Module):
                                            dropout=dropout, activation='relu', batch_first=True, norm_first=False)
         self.transformer_encoder = nn.TransformerEncoder(layer, nlayers, enable_nested_tensor=False)
         if pooling == 'netvlad':
-            self.netvlad = NetVLAD(feature_size, num_clusters=num_clusters, output_dim=output_dim)
+            self.netvlad = NetVLAD(feature_size, num_clusters=num_clusters, output_dim=output_dim, drop_rate=dropout)
         self.output_dim = output_dim if pooling == 'netvlad' else feature_size
 
     def frame_features(self, x, num_frames):
