@@ -33,6 +33,9 @@ def test_average_precision_hand_worked():
     # (1 + 1)/2 * 1/2 + (1/2 + 2/3)/2 * 1/2
     assert average_precision(sims, relevant, np.ones(4, bool), trapezoid=True)[0] == \
         pytest.approx(0.5 + (0.5 + 2 / 3) / 4)
+    # K relevance sets on one ranking (FIVR's tasks) give (K, Q)
+    stacked = average_precision(sims, np.stack([relevant, ~relevant]), np.ones(4, bool))
+    np.testing.assert_allclose(stacked, [[(1 + 2 / 3) / 2], [(1 / 2 + 2 / 4) / 2]])
 
 
 def test_average_precision_unranked_relevant_counts_as_miss_and_nan_is_not_ranked():
