@@ -18,9 +18,10 @@ Parameter names are those of the upstream code
 
 Conventions: a batch of videos is `x` (N, C, T) -- channels before time, as
 upstream -- plus `num_frames` (N,) or (N, 1), the number of valid frames of
-each video; frames at t >= num_frames are padding and never influence the
-output. A `num_frames` larger than T counts as T (upstream's data loader
-passes the uncropped length). `encode` also accepts a list of (T_i, C) videos.
+each video (None: all T frames are valid); frames at t >= num_frames are
+padding and never influence the output. A `num_frames` larger than T counts
+as T (upstream's data loader passes the uncropped length). `forward` and
+`encode` also accept a list of (T_i, C) videos instead.
 """
 import copy
 import math
@@ -44,7 +45,10 @@ CHAMFER_CHUNK_SIZE = 1 << 24
 # helpers shared by the aggregators
 
 def _frame_mask(x, num_frames):
-    """Bool (N, T) mask of the valid frames of x (N, C, T), on x's device."""
+    """Bool (N, T) mask of the valid frames of x (N, C, T), on x's device;
+    num_frames None: every frame is valid."""
+    if num_frames is None:
+        return torch.ones(x.shape[0], x.shape[-1], dtype=torch.bool, device=x.device)
     num_frames = torch.as_tensor(num_frames, device=x.device)
     if num_frames.numel() != x.shape[0]:
         raise ValueError(f"num_frames has {num_frames.numel()} entries for a batch of {x.shape[0]} videos")
@@ -71,6 +75,14 @@ def _masked_mean(frames, frame_mask):
     frames = frames.masked_fill(~frame_mask.unsqueeze(-1), 0)
     count = frame_mask.sum(1, keepdim=True).clamp(min=1).to(frames.dtype)  # (N, 1)
     return frames.sum(1) / count  # (N, C)
+
+
+def _pad_videos(module, videos):
+    """A list of (T_i, C) videos as a padded (N, C, T) batch and num_frames (N,)
+    on the module's device and dtype."""
+    param = next(module.parameters())
+    padded, num_frames = pad_sequences(videos, dtype=param.dtype, device=param.device)
+    return padded.transpose(1, 2), num_frames
 
 
 def _encode_list(module, videos, crop=True):
@@ -162,7 +174,8 @@ class TCA(nn.Module):
 
     def encode(self, x, num_frames=None):
         """Frame embeddings, L2-normalised per frame: (N, T, C) for x (N, C, T),
-        with padded frames zero; a list of (T_i, C) for a list of (T_i, C)."""
+        with padded frames zero; a list of (T_i, C) for a list of (T_i, C).
+        With pooling='netvlad' too these are the Transformer's frame outputs."""
         if isinstance(x, (list, tuple)):
             return _encode_list(self, x)
         frames, _ = self.frame_features(x, num_frames)
@@ -187,14 +200,6 @@ def _self_attention(attn, tokens, frame_mask, training):
                                          dropout_p=attn.dropout if training else 0.0)  # (N, heads, T, C / heads)
     out = out.transpose(1, 2).reshape(N, T, C)[frame_mask]  # (M, C)
     return attn.out_proj(out)
-
-
-def _pad_videos(module, videos):
-    """A list of (T_i, C) videos as a padded (N, C, T) batch and num_frames (N,)
-    on the module's device and dtype."""
-    param = next(module.parameters())
-    padded, num_frames = pad_sequences(videos, dtype=param.dtype, device=param.device)
-    return padded.transpose(1, 2), num_frames
 
 
 # --------------------------------------------------------------------------
@@ -564,13 +569,16 @@ def _chamfer(query, query_num_frames, database, database_num_frames, chunk_size,
         return out
     # Query blocks of about sqrt(chunk_size) frames (more if the database is
     # small) and database blocks filling the rest of the chunk keep each
-    # matrix product large and square enough to run near peak speed.
+    # matrix product large and square enough to run near peak speed. A block
+    # holding one video longer than its budget is cut into frame ranges by
+    # _chamfer_block.
     row_budget = max(math.isqrt(chunk_size), chunk_size // sum(d_lengths))
-    for q_idx, q_len in _length_blocks(q_order, q_lengths, row_budget):
-        q_block = _replicate_padding(query[q_idx, :q_len], qn[q_idx])  # (nq, Tq, C)
-        col_budget = max(1, chunk_size // (len(q_idx) * q_len))
-        for d_idx, d_len in _length_blocks(d_order, d_lengths, col_budget):
-            d_block = _replicate_padding(database[d_idx, :d_len], dn[d_idx])  # (nd, Td, C)
+    q_blocks = list(_length_blocks(q_order, q_lengths, row_budget))
+    rows = min(row_budget, max(len(idx) * length for idx, length in q_blocks))
+    for d_idx, d_len in _length_blocks(d_order, d_lengths, max(1, chunk_size // rows)):
+        d_block = _replicate_padding(database[d_idx, :d_len], dn[d_idx])  # (nd, Td, C)
+        for q_idx, q_len in q_blocks:
+            q_block = _replicate_padding(query[q_idx, :q_len], qn[q_idx])  # (nq, Tq, C)
             sims = _chamfer_block(q_block, qn[q_idx], d_block, dn[d_idx], chunk_size, symmetric)
             out[q_idx.unsqueeze(1), d_idx.unsqueeze(0)] = sims
     return out
