@@ -203,8 +203,9 @@ def main():
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        # ranks on one machine share its cores; more threads than cores only adds contention
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
+        if "OMP_NUM_THREADS" not in os.environ:
+            # ranks on one machine share its cores; more threads than cores only adds contention
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
 
     # ---- data
     dataset = VCDBPairDataset(args.annotation_path, args.feature_path, padding_size=args.padding_size,
@@ -255,7 +256,7 @@ def main():
         if not os.path.isfile(checkpoint_path):
             raise UserError(f"--resume: {checkpoint_path} not found")
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        for flag in ("aggregator", "pca_components", "output_dim", "num_clusters", "num_layers", "moco_k"):
+        for flag in ("aggregator", "pca_components", "output_dim", "num_clusters", "num_layers", "moco_k", "epochs"):
             if checkpoint["args"][flag] != getattr(args, flag):
                 raise UserError(f"--resume: {checkpoint_path} was trained with --{flag} "
                                 f"{checkpoint['args'][flag]}, not {getattr(args, flag)}")
@@ -264,7 +265,7 @@ def main():
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch = checkpoint["epoch"] + 1
         if is_main:
-            print(f"resuming {checkpoint_path} after epoch {checkpoint['epoch']}")
+            print(f"resuming {checkpoint_path} after epoch {checkpoint['epoch']} of {args.epochs}")
 
     if hvd:
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
