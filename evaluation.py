@@ -40,12 +40,13 @@ from utils import UserError, atomic_path, run_main
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Evaluate video retrieval (mAP) on a benchmark.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="Evaluate video retrieval (mAP) on a benchmark.")
     parser.add_argument("-d", "--dataset", type=str, required=True,
                         help=f"Benchmark: {', '.join(DATASETS)}")
     parser.add_argument("--annotation_dir", type=str, default="datasets",
-                        help="Directory holding the benchmark's annotation pickle (see datasets/README.md)")
+                        help="Directory holding the benchmark's annotation pickle, e.g. fivr.pickle "
+                             "(default: %(default)s; see datasets/README.md). A custom benchmark in the same "
+                             "format is evaluated from its own directory")
     # precomputed similarities
     parser.add_argument("--similarities", type=str, default=None,
                         help="Evaluate these precomputed similarities (.json, .npz, .h5) instead of a model")
@@ -65,18 +66,23 @@ def get_args_parser():
     parser.add_argument("-nl", "--num_layers", type=int, default=None,
                         help="Transformer / recurrent layers (default: from args.json, else 1)")
     parser.add_argument("-nc", "--num_clusters", type=int, default=None,
-                        help="NetVLAD/NeXtVLAD clusters (default: from args.json, else 256)")
+                        help="NetVLAD/NeXtVLAD clusters (default: from args.json, else 256); accepted for the "
+                             "upstream README command, no effect on tca, lstm, gru")
     parser.add_argument("-od", "--output_dim", type=int, default=None,
-                        help="NetVLAD/NeXtVLAD embedding size, LSTM/GRU hidden size (default: from args.json, else 1024)")
+                        help="NetVLAD/NeXtVLAD embedding size, LSTM/GRU hidden size (default: from args.json, "
+                             "else 1024); accepted for the upstream README command, no effect on tca")
     parser.add_argument("-ni", "--normalize_input", action="store_true", default=None,
-                        help="NetVLAD/NeXtVLAD were trained with input normalisation (default: from args.json)")
-    parser.add_argument("-ps", "--padding_size", type=int, default=100,
+                        help="NetVLAD/NeXtVLAD were trained with input normalisation (default: from args.json); "
+                             "no effect on tca, lstm, gru")
+    parser.add_argument("-ps", "--padding_size", type=int, default=300,
                         help="Encode videos in consecutive chunks of at most this many frames (upstream crops "
-                             "a random window of this size instead); 0 encodes every video whole")
+                             "a random window of this size instead; its README evaluates with 300, the training "
+                             "window); 0 encodes every video whole (default: %(default)s)")
     parser.add_argument("-m", "--metric", type=str, default="cosine", choices=["cosine", "chamfer", "symmetric_chamfer"],
-                        help="Similarity: cosine of video embeddings, or (symmetric) chamfer of frame embeddings")
+                        help="Similarity: cosine of video embeddings, or (symmetric) chamfer of frame embeddings "
+                             "(default: %(default)s)")
     parser.add_argument("--frames_per_batch", type=int, default=16384,
-                        help="Padded frames encoded per forward pass (bounds memory)")
+                        help="Padded frames encoded per forward pass, bounds memory (default: %(default)s)")
     parser.add_argument("--device", type=str, default=None,
                         help="torch device for model mode (default: cuda if available, else cpu)")
     parser.add_argument("--save_similarities", type=str, default=None,
