@@ -551,6 +551,8 @@ def _length_blocks(order, lengths, budget):
 
 
 def _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, comparator, symmetric):
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     query, qn = _as_frames(query, query_num_frames)
     database, dn = _as_frames(database, database_num_frames)
     if query.shape[2] != database.shape[2]:

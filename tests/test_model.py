@@ -113,6 +113,7 @@ def test_batched_encode_equals_per_video_encode(name):
     batched = model.encode(x, n)
     from_list = model.encode(videos)
     embeddings = model(x, n)
+    assert torch.allclose(model(videos), embeddings, atol=1e-6)
     for i, v in enumerate(videos):
         alone = model.encode(v.t().unsqueeze(0), torch.tensor([len(v)]))[0]
         if name in ("netvlad", "nextvlad"):
@@ -155,6 +156,9 @@ def test_follows_input_dtype():
     assert model.encode([torch.randn(5, C, dtype=torch.float64)])[0].dtype == torch.float64
     q = torch.randn(2, 4, C, dtype=torch.float64)
     assert chamfer_similarity(q, None, q, None).dtype == torch.float64
+    moco = MoCo(build("tca"), dim=C, K=8).double()
+    logits, labels = moco(x.double(), x.double(), x.double(), n, n, n)
+    assert logits.dtype == moco.queue.dtype == torch.float64 and labels.device == logits.device
 
 
 def test_bad_arguments():
@@ -166,6 +170,8 @@ def test_bad_arguments():
         build("tca")(torch.randn(2, 16, 5), torch.tensor([5, 5]))
     with pytest.raises(ValueError, match="num_frames"):
         build("tca")(torch.randn(2, C, 5), torch.tensor([5, 5, 5]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        chamfer_similarity(torch.randn(1, 2, 4), None, torch.randn(1, 2, 4), None, chunk_size=0)
 
 
 # --------------------------------------------------------------------------
