@@ -33,10 +33,15 @@ import json
 import os
 import time
 
+import h5py
 import numpy as np
+from tqdm import tqdm
 
 from data import DATASETS, load_benchmark
-from utils import UserError, atomic_path, run_main
+from utils import UserError, atomic_path, l2_normalize, load_state_dict, open_features, pad_sequences, run_main
+
+# torch, model.py, train.py and pandas are imported in the functions that use
+# them, to keep the start-up of a --similarities run short.
 
 
 def get_args_parser():
@@ -111,7 +116,6 @@ def load_similarities(path):
             with np.load(path, allow_pickle=False) as f:
                 queries, database, similarities = f["queries"], f["database"], f["similarities"]
         elif ext in (".h5", ".hdf5"):
-            import h5py
             with h5py.File(path, "r") as f:
                 queries, database, similarities = (f["queries"].asstr()[:], f["database"].asstr()[:],
                                                    f["similarities"][:])
@@ -166,7 +170,6 @@ def save_similarities(path, queries, database, similarities):
                 json.dump({q: {v: float(s) for v, s in zip(database, row) if not np.isnan(s)}
                            for q, row in zip(queries, similarities)}, f)
         else:
-            import h5py
             with h5py.File(tmp, "w") as f:
                 f["queries"], f["database"] = np.array(queries, dtype=object), np.array(database, dtype=object)
                 f["similarities"] = similarities
@@ -177,9 +180,7 @@ def save_similarities(path, queries, database, similarities):
 
 def build_model(args):
     """The model of --model_path (eval mode), or None for --baseline."""
-    import torch  # model mode only: the precomputed path stays light
     from train import build_encoder
-    from utils import load_state_dict
 
     # architecture: flags given > train.py's args.json next to the checkpoint > upstream defaults
     defaults = {"aggregator": "tca", "pca_components": 1024, "num_layers": 1, "num_clusters": 256,
@@ -222,7 +223,6 @@ def find_features(features, benchmark, ids, what, args, model):
     """The ids of `ids` that have features (of at least one frame), their keys
     in the HDF5 file and their lengths; the others are reported and left out,
     as upstream leaves them out of the available subset."""
-    from tqdm import tqdm
     channels = getattr(model, "feature_size", None)
     found, missing = [], []
     for v in tqdm(ids, desc=f"{what}: finding features", leave=False):
@@ -249,10 +249,11 @@ def encode_videos(model, features, keys, lengths, args, desc):
     embeddings (n, T, C) and their num_frames (n,) for the chamfer metrics.
     """
     import torch
-    from tqdm import tqdm
-    from utils import l2_normalize, pad_sequences
 
-    order = np.argsort(lengths, kind="stable")
+    # sort by chunk length (= video length up to --padding_size): the chunks of
+    # a batch then differ by a few frames; about 0.1% padding at FIVR-200K scale
+    pieces = -(-lengths // args.padding_size) if args.padding_size > 0 else np.ones_like(lengths)
+    order = np.lexsort((lengths, -(-lengths // pieces)))
     frame_level = args.metric != "cosine"
     vlad_output = model is not None and hasattr(model, "residuals")  # NetVLAD/NeXtVLAD encode clusters, not frames
     progress = tqdm(total=len(keys), desc=desc, unit="video")
@@ -308,7 +309,6 @@ def model_similarities(args, benchmark):
     (Q, D) similarities, timing/storage stats)."""
     import torch
     from model import chamfer_similarity, cosine_similarity, symmetric_chamfer_similarity
-    from utils import open_features, pad_sequences
 
     model = None if args.baseline else build_model(args)
     similarity = {"cosine": cosine_similarity, "chamfer": chamfer_similarity,
