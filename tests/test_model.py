@@ -259,7 +259,7 @@ def upstream_netvlad_residuals(state, x, num_frames):
     return F.normalize(vlad, dim=2)
 
 
-def upstream_nextvlad_residuals(model, state, x, num_frames):
+def upstream_nextvlad_residuals(state, x, num_frames):
     """Upstream's NeXtVLAD.encode in eval mode, with its reshapes."""
     N, _, T = x.shape
     bn = nn.BatchNorm1d(4 * 4).eval()
@@ -309,7 +309,7 @@ def test_upstream_checkpoints_give_upstream_outputs():
         nextvlad = build("nextvlad").eval()
         state = random_state_dict(nextvlad)
         nextvlad.load_state_dict(state, strict=True)
-        vlad = upstream_nextvlad_residuals(nextvlad, state, x, n)
+        vlad = upstream_nextvlad_residuals(state, x, n)
         assert torch.allclose(nextvlad.encode(x, n), vlad, atol=1e-5)
         assert torch.allclose(nextvlad(x, n), upstream_gated_embedding(state, vlad), atol=1e-5)
 
