@@ -127,6 +127,8 @@ def load_similarities(path):
         raise
     except Exception as e:  # zip/HDF5/pickle errors of a damaged file come in many kinds
         raise UserError(f"{path}: cannot read similarities ({type(e).__name__}: {e})") from None
+    if queries.ndim != 1 or database.ndim != 1:
+        raise UserError(f"{path}: 'queries' and 'database' must be 1-D lists of video ids")
     queries, database = [str(q) for q in queries.tolist()], [str(v) for v in database.tolist()]
     if similarities.shape != (len(queries), len(database)) or not np.issubdtype(similarities.dtype, np.floating):
         raise UserError(f"{path}: 'similarities' must be a float array of shape "
@@ -142,14 +144,18 @@ def _similarities_from_json(path):
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(results, dict) or not all(isinstance(r, dict) for r in results.values()):
         raise UserError(f"{path}: expected a JSON object {{query: {{video: score}}}}")
-    column_of = {}
+    # columns: the videos in order of first appearance (usually every query lists the same ones)
+    column_of, previous = {}, None
     for res in results.values():
-        for video in res:
-            column_of.setdefault(video, len(column_of))
+        if previous is None or res.keys() != previous:
+            for video in res:
+                column_of.setdefault(video, len(column_of))
+        previous = res.keys()
     similarities = np.full((len(results), len(column_of)), np.nan)
     for i, res in enumerate(results.values()):
         try:
-            similarities[i, [column_of[v] for v in res]] = np.array(list(res.values()), dtype=np.float64)
+            columns = np.fromiter(map(column_of.__getitem__, res), np.int64, len(res))
+            similarities[i, columns] = np.fromiter(res.values(), np.float64, len(res))
         except (TypeError, ValueError):
             raise UserError(f"{path}: scores must be numbers") from None
     return list(results), list(column_of), similarities
@@ -167,7 +173,7 @@ def save_similarities(path, queries, database, similarities):
                          similarities=similarities)
         elif ext == ".json":
             with open(tmp, "w") as f:
-                json.dump({q: {v: float(s) for v, s in zip(database, row) if not np.isnan(s)}
+                json.dump({q: {v: s for v, s in zip(database, row.tolist()) if s == s}  # s != s: NaN
                            for q, row in zip(queries, similarities)}, f)
         else:
             with h5py.File(tmp, "w") as f:
