@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import random
 import time
 
 import numpy as np
@@ -163,8 +164,9 @@ def build_encoder(args):
         return NeXtVLAD(feature_size=args.pca_components, num_clusters=args.num_clusters,
                         output_dim=args.output_dim, normalize_input=args.normalize_input)
     recurrent = LSTMModule if args.aggregator == "lstm" else GRUModule
+    # dropout acts between recurrent layers only (PyTorch warns when there is one)
     return recurrent(feature_size=args.pca_components, output_dim=args.output_dim, nhid=args.output_dim,
-                     nlayers=args.num_layers, dropout=args.dropout)
+                     nlayers=args.num_layers, dropout=args.dropout if args.num_layers > 1 else 0.0)
 
 
 def seed_everything(seed, epoch, rank):
@@ -174,7 +176,6 @@ def seed_everything(seed, epoch, rank):
     state = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
     torch.manual_seed(int(state[0]) << 32 | int(state[1]))
     np.random.seed(state)
-    import random
     random.seed(int(state[0]))
 
 
@@ -265,7 +266,8 @@ def main():
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch = checkpoint["epoch"] + 1
         if is_main:
-            print(f"resuming {checkpoint_path} after epoch {checkpoint['epoch']} of {args.epochs}")
+            print(f"resuming {checkpoint_path} after epoch {checkpoint['epoch']} of {args.epochs}"
+                  + (": nothing left to train" if start_epoch > args.epochs else ""))
 
     if hvd:
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)

@@ -210,6 +210,42 @@ def test_queue_receives_the_negatives_and_wraps_around(synthetic):
     assert not torch.allclose(moco.queue, queue_before)
 
 
+UPSTREAM_README_FLAGS = (
+    "--annotation_path datasets/vcdb.pickle --feature_path F --model_path M --num_clusters 256 --num_layers 1 "
+    "--output_dim 1024 --normalize_input --neg_num 16 --epochs 40 --batch_sz 64 --learning_rate 1e-5 "
+    "--momentum 0.9 --weight_decay 1e-4 --pca_components 1024 --padding_size 300 --num_readers 32 "
+    "--num_workers 1 --moco_k 4096 --moco_m 0. --moco_t 1.0 --print-freq 1 --use-adasum --fp16-allreduce")
+
+
+def test_upstream_readme_command_parses_and_every_flag_is_documented():
+    args = train.get_args_parser().parse_args(UPSTREAM_README_FLAGS.split())
+    assert (args.neg_num, args.moco_k, args.moco_m, args.use_adasum, args.fp16_allreduce) == (16, 4096, 0.0, True, True)
+    assert (args.aggregator, args.loss, args.optimizer) == ("tca", "circle", "adam")
+    for action in train.get_args_parser()._actions:
+        assert action.help, action.option_strings
+
+
+@pytest.mark.parametrize("aggregator,loss", [("tca", "circle"), ("netvlad", "infonce"), ("nextvlad", "circle"),
+                                             ("lstm", "circle_upstream"), ("gru", "infonce")])
+def test_every_aggregator_and_loss_takes_a_training_step(synthetic, aggregator, loss):
+    args = train.get_args_parser().parse_args(
+        ["-ap", "a", "-fp", "f", "-mp", "m", "--pca_components", str(C), "--aggregator", aggregator,
+         "--num_clusters", "4", "--output_dim", "16", "--normalize_input", "--loss", loss])
+    torch.manual_seed(0)
+    moco = MoCo(train.build_encoder(args), dim=16, K=12, m=0.5, T=0.1)
+    optimizer = torch.optim.Adam(moco.encoder_q.parameters(), lr=1e-2)
+    dataset = VCDBPairDataset(*synthetic, padding_size=6, neg_num=2, feature_size=C)
+    a, la, p, lp, n, ln = collate_pairs([dataset[i] for i in range(4)])
+    before = [x.clone() for x in moco.encoder_q.parameters()]
+    logits, _ = moco(a.transpose(1, 2), p.transpose(1, 2), n.transpose(1, 2), la, lp, ln)
+    assert logits.shape == (4, 13)
+    loss_value = train.LOSSES[loss](logits)
+    assert torch.isfinite(loss_value)
+    loss_value.backward()
+    optimizer.step()
+    assert any(not torch.equal(x, y) for x, y in zip(before, moco.encoder_q.parameters()))
+
+
 # --------------------------------------------------------------------------
 # the training pairs
 
@@ -294,8 +330,13 @@ def test_cli_reports_bad_input(tmp_path, synthetic):
 def test_loss_falls_on_a_learnable_task(tmp_path):
     synthetic = make_dataset(str(tmp_path / "data"), num_pairs=64)
     model_path = str(tmp_path / "run")
-    run(train_command(tmp_path, *synthetic, model_path, "--epochs", "12", "--batch_sz", "8",
-                      "--moco_k", "32", "--learning_rate", "1e-3"))
+    # ... as a plain single process without Horovod installed: hide it behind a package that fails to import
+    (tmp_path / "no_horovod" / "horovod").mkdir(parents=True)
+    (tmp_path / "no_horovod" / "horovod" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    result = run(train_command(tmp_path, *synthetic, model_path, "--epochs", "12", "--batch_sz", "8",
+                               "--moco_k", "32", "--learning_rate", "1e-3"),
+                 env={"PYTHONPATH": str(tmp_path / "no_horovod")})
+    assert "64 training pairs (0 dropped" in result.stdout
     with open(os.path.join(model_path, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
     epochs = [r for r in records if "step" not in r]
@@ -354,3 +395,15 @@ def test_resume_after_kill_equals_uninterrupted_run(two_worker_run):
     for rank in (0, 1):
         assert_same_state(torch.load(os.path.join(model_path, f"rank{rank}.pth"), weights_only=True),
                           torch.load(os.path.join(full_path, f"rank{rank}.pth"), weights_only=True))
+
+
+def test_adasum_over_mpi(tmp_path, synthetic):
+    model_path = str(tmp_path / "adasum")
+    result = run(train_command(tmp_path, *synthetic, model_path, "--epochs", "1", "--use-adasum", "--fp16-allreduce",
+                               workers=2, mpi=True))
+    assert "lr 0.001" in result.stdout  # Adasum: the learning rate is not scaled by the number of ranks
+    assert_same_state(torch.load(os.path.join(model_path, "rank0.pth"), weights_only=True),
+                      torch.load(os.path.join(model_path, "rank1.pth"), weights_only=True))
+    # with Gloo, a clear error instead
+    result = run(train_command(tmp_path, *synthetic, str(tmp_path / "gloo"), "--use-adasum", workers=2), check=False)
+    assert result.returncode != 0 and "needs Horovod's MPI controller" in result.stdout + result.stderr
