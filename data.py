@@ -13,8 +13,9 @@ The common protocol:
   - rank the database by decreasing similarity; ties keep the column order,
     as Python's stable `sorted(..., reverse=True)` does upstream;
   - only the videos that have results count (the "available" subset): a
-    relevant video without a result is not counted in the denominator, a
-    database id unknown to the benchmark is counted, reported and ignored;
+    relevant video absent from the results is not counted in the denominator
+    (except on CC_WEB_VIDEO, as upstream), a database id unknown to the
+    benchmark is counted, reported and ignored;
   - a benchmark query missing from the results is reported and ignored; a
     query whose relevant set is empty is reported and skipped;
   - NaN similarities mean "not computed" and are never ranked.
