@@ -69,6 +69,9 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
     with utils.atomic_path(target) as tmp:
         open(tmp, "w").write("new")
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["out.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask  # as open() would create it
 
 
 def test_load_state_dict_unwraps_and_strips_module(tmp_path):
