@@ -23,7 +23,8 @@ Two splits, built from disjoint source videos:
 Output directory:
     videos/<id>.mp4       every benchmark video (H.264, 25 fps, no audio)
     masters/<name>.mp4    large, long procedural renders the eval windows are cut from
-    videos.txt            id<TAB>path of every video (pre-processing/extract_features.py --video_list)
+    videos.txt            id<TAB>path of every video, paths relative to the list
+                          (the format of pre-processing/extract_features.py --video_list)
     train_videos.txt, eval_videos.txt   the same per split
     vcdb.pickle           training annotation: {'video_pairs': [{'videos': [a, b], 'overlap': [fa, fb]}],
                           'index': core ids then background ids, 'negs': background ids}
@@ -490,7 +491,7 @@ def main():
         with atomic_path(os.path.join(out, name)) as tmp, open(tmp, "w") as f:
             for v in videos:
                 if split in (None, v["split"]):
-                    f.write(f"{v['id']}\t{paths[v['id']]}\n")
+                    f.write(f"{v['id']}\t{os.path.relpath(paths[v['id']], out)}\n")
     for name, annotation in (("vcdb.pickle", vcdb), ("fivr.pickle", fivr)):
         with atomic_path(os.path.join(out, name)) as tmp, open(tmp, "wb") as f:
             pickle.dump(annotation, f, protocol=4)

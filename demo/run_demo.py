@@ -1,0 +1,136 @@
+"""`make demo`: the whole TCA pipeline on the mini benchmark, in a few minutes on CPU.
+
+    1. demo/build_benchmark.py          videos + vcdb.pickle (train) + fivr.pickle (eval)
+    2. pre-processing/extract_features.py  ResNet-50 iMAC frame features, per split
+    3. pre-processing/pca.py            PCA-whitening learned on the train split, applied to both
+    4. horovodrun -np 2 train.py        TCA trained on the train split's copy pairs
+    5. evaluation.py                    FIVR-style DSVR/CSVR/ISVR mAP of the untrained baseline
+                                        (PCA features, mean / chamfer) and TCA_c, TCA_f, TCA_sym
+
+Every command is printed before it runs, so each step can be re-run by hand.
+A step whose output already exists is skipped: delete --out to start over.
+
+Departures from the paper's settings, all forced by the demo's size: frames
+are sampled at --fps 4 rather than 1 (clips are a few seconds long), and the
+PCA keeps --components 256 rather than 1024 (the train split has a few hundred
+frames; whitening more directions than that would divide by zero variances).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import UserError, run_main  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ["DSVR", "CSVR", "ISVR"]
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Run the TCA pipeline on the mini benchmark", add_help=True)
+    parser.add_argument("--out", default="demo_output", help="directory for every output (benchmark, features, model, results)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the benchmark, the PCA frame sampling and the training")
+    parser.add_argument("--fps", type=float, default=4.0, help="frames per second sampled for features (the paper: 1)")
+    parser.add_argument("--components", type=int, default=256, help="PCA-whitened feature size (the paper: 1024)")
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs")
+    parser.add_argument("--np", type=int, default=2, help="Horovod workers (1: plain single-process training)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", help="local torchvision ResNet-50 ImageNet state dict (resnet50-0676ba61.pth), "
+                                           "for machines that cannot download it")
+    weights.add_argument("--random-weights", action="store_true",
+                         help="random ResNet-50 (checks the plumbing offline; the numbers mean nothing)")
+    return parser
+
+
+def step(name, cmd, output):
+    """Run `cmd` unless `output` exists; fail with the step's name."""
+    if os.path.exists(output):
+        print(f"[demo] {name}: {output} exists, skipped", flush=True)
+        return
+    print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
+    start = time.time()
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        raise UserError(f"step '{name}' failed (command above)")
+    print(f"[demo] {name}: done in {time.time() - start:.0f} s", flush=True)
+
+
+def main():
+    args = get_args_parser().parse_args()
+    py = sys.executable
+    out = os.path.abspath(args.out)
+    bench = os.path.join(out, "benchmark")
+    feats = os.path.join(out, "features")
+    model_dir = os.path.join(out, "model")
+    results = os.path.join(out, "results")
+    os.makedirs(feats, exist_ok=True)
+    os.makedirs(results, exist_ok=True)
+    start = time.time()
+
+    step("benchmark", [py, "demo/build_benchmark.py", "--out", bench, "--seed", str(args.seed)],
+         os.path.join(bench, "benchmark.json"))
+
+    backbone = (["--weights", args.weights] if args.weights else
+                ["--random-weights"] if args.random_weights else [])
+    for split in ("train", "eval"):
+        step(f"features ({split})", [py, "pre-processing/extract_features.py",
+                                     "--video_list", os.path.join(bench, f"{split}_videos.txt"),
+                                     "--output", os.path.join(feats, f"{split}_imac.h5"),
+                                     "--fps", str(args.fps)] + backbone,
+             os.path.join(feats, f"{split}_imac.h5"))
+
+    pca_params = os.path.join(feats, "pca_params.npz")
+    # every frame of the small train split: upstream samples 10 per video of 100k VCDB videos
+    step("PCA (learn)", [py, "pre-processing/pca.py", "--learn", os.path.join(feats, "train_imac.h5"),
+                         "--params", pca_params, "--frames_per_video", "1000", "--seed", str(args.seed)], pca_params)
+    for split in ("train", "eval"):
+        step(f"PCA (apply, {split})", [py, "pre-processing/pca.py", "--apply", os.path.join(feats, f"{split}_imac.h5"),
+                                       "--params", pca_params, "--components", str(args.components),
+                                       "--output", os.path.join(feats, f"{split}_pca.h5")],
+             os.path.join(feats, f"{split}_pca.h5"))
+
+    train = [py, "train.py", "--annotation_path", os.path.join(bench, "vcdb.pickle"),
+             "--feature_path", os.path.join(feats, "train_pca.h5"), "--model_path", model_dir,
+             "--pca_components", str(args.components), "--padding_size", "64", "--neg_num", "4",
+             "--batch_sz", "4", "--epochs", str(args.epochs), "--learning_rate", "1e-4",
+             "--moco_k", "256", "--moco_m", "0", "--moco_t", "1.0", "--num_workers", "0",
+             "--print-freq", "10", "--save_every", str(args.epochs), "--seed", str(args.seed)]
+    if args.np > 1:
+        horovodrun = shutil.which("horovodrun", path=os.path.dirname(py)) or shutil.which("horovodrun")
+        if horovodrun is None:
+            raise UserError("horovodrun not found (run `make install`), or pass --np 1 for single-process training")
+        train = [horovodrun, "-np", str(args.np), "-H", f"localhost:{args.np}"] + train
+    step("train", train, os.path.join(model_dir, "model.pth"))
+
+    runs = [("baseline (mean of PCA frames)", ["--baseline", "--metric", "cosine"]),
+            ("baseline (chamfer of PCA frames)", ["--baseline", "--metric", "chamfer"]),
+            ("TCA_c", ["--model_path", os.path.join(model_dir, "model.pth"), "--metric", "cosine"]),
+            ("TCA_f", ["--model_path", os.path.join(model_dir, "model.pth"), "--metric", "chamfer"]),
+            ("TCA_sym", ["--model_path", os.path.join(model_dir, "model.pth"), "--metric", "symmetric_chamfer"])]
+    rows = []
+    for i, (name, flags) in enumerate(runs):
+        json_out = os.path.join(results, f"{i}_{name.split(' ')[0]}_{flags[-1]}.json")
+        step(f"evaluate {name}", [py, "evaluation.py", "--dataset", "FIVR-5K", "--annotation_dir", bench,
+                                  "--feature_path", os.path.join(feats, "eval_pca.h5"), "--device", "cpu",
+                                  "--json_out", json_out] + flags, json_out)
+        with open(json_out) as f:
+            metrics = json.load(f)
+        rows.append((name, [metrics.get(m) for m in METRICS]))
+
+    table = [f"| {'method':<34} | " + " | ".join(f"{m} mAP" for m in METRICS) + " |",
+             f"|{'-' * 36}|" + "|".join("-" * 10 for _ in METRICS) + "|"]
+    for name, values in rows:
+        table.append(f"| {name:<34} | " + " | ".join(f"{v:8.4f}" if v is not None else "     n/a" for v in values) + " |")
+    text = "\n".join(table)
+    with open(os.path.join(results, "table.md"), "w") as f:
+        f.write(text + "\n")
+    print(f"\nmini benchmark (FIVR format), {time.time() - start:.0f} s in all, outputs in {out}\n{text}")
+    if args.random_weights:
+        print("(--random-weights: random ResNet-50 features, the numbers mean nothing)")
+
+
+if __name__ == "__main__":
+    run_main(main)
