@@ -183,36 +183,46 @@ def iterate_videos(videos, fps=None, workers=2):
                                        prefetch_factor=2 if workers > 0 else None)
 
 
+class _PendingVideo:
+    def __init__(self, video_id, path, frames):
+        self.video_id, self.path, self.frames = video_id, path, frames
+        self.next_frame = 0  # frames before it have been through the CNN
+        self.features = []  # their (n, D) chunks
+
+    @property
+    def remaining(self):
+        return len(self.frames) - self.next_frame
+
+
 def extract_videos(model, items, batch_size=64, device="cpu", channels_last=False, bf16=False):
     """Run the CNN over the frames of `items` (from iterate_videos) in batches
     of `batch_size` frames that cross video boundaries, so short videos do not
     leave batches half-empty. Yields (video_id, path, features (T, D) or None,
     error or None) as each video completes."""
-    pending = []  # [video_id, path, frames, next frame to run, list of feature chunks]
+    pending = []  # videos with frames still to run, in order
 
     def run_batch():
-        chunks, owners, size = [], [], 0
-        for entry in pending:
-            take = min(batch_size - size, len(entry[2]) - entry[3])
+        batch = []  # (video, number of its frames in this batch)
+        for video in pending:
+            take = min(batch_size - sum(n for _, n in batch), video.remaining)
             if take == 0:
                 break
-            chunks.append(entry[2][entry[3]:entry[3] + take])
-            owners.append((entry, take))
-            entry[3] += take
-            size += take
-        features = extract_batch(model, torch.cat(chunks), device, channels_last, bf16)
-        for (entry, take), piece in zip(owners, features.split([take for _, take in owners])):
-            entry[4].append(piece)
-        while pending and pending[0][3] == len(pending[0][2]):  # videos complete in order
-            video_id, path, _, _, pieces = pending.pop(0)
-            yield video_id, path, torch.cat(pieces), None
+            batch.append((video, take))
+        frames = torch.cat([video.frames[video.next_frame:video.next_frame + n] for video, n in batch])
+        features = extract_batch(model, frames, device, channels_last, bf16)  # (N, D)
+        for (video, n), chunk in zip(batch, features.split([n for _, n in batch])):
+            video.features.append(chunk)
+            video.next_frame += n
+        while pending and pending[0].remaining == 0:  # videos complete in order
+            video = pending.pop(0)
+            yield video.video_id, video.path, torch.cat(video.features), None
 
     for video_id, path, frames, error in items:
         if error is not None:
             yield video_id, path, None, error
             continue
-        pending.append([video_id, path, frames, 0, []])
-        while sum(len(e[2]) - e[3] for e in pending) >= batch_size:
+        pending.append(_PendingVideo(video_id, path, frames))
+        while sum(video.remaining for video in pending) >= batch_size:
             yield from run_batch()
     while pending:
         yield from run_batch()
