@@ -64,7 +64,7 @@ def get_args_parser():
     parser.add_argument("--baseline", action="store_true",
                         help="No model: the video embedding is the L2-normalised mean of the frame features, "
                              "the frame embeddings are the L2-normalised frame features (the untrained baseline)")
-    parser.add_argument("--aggregator", type=str, default=None, choices=["tca", "netvlad", "nextvlad", "lstm", "gru"],
+    parser.add_argument("--aggregator", type=str, default=None, choices=["tca", "tca_netvlad", "netvlad", "nextvlad", "lstm", "gru"],
                         help="Architecture of --model_path (default: from args.json, else tca)")
     parser.add_argument("-pc", "--pca_components", type=int, default=None,
                         help="Feature size the model takes (default: from args.json, else 1024)")

@@ -44,12 +44,14 @@ def get_args_parser():
     parser.add_argument("-mp", "--model_path", type=str, required=True,
                         help="Directory for model.pth, checkpoint.pth, args.json and log.jsonl (created if missing)")
     # model
-    parser.add_argument("--aggregator", type=str, default="tca", choices=["tca", "netvlad", "nextvlad", "lstm", "gru"],
-                        help="Video aggregator to train: TCA (the paper's model) or one of the paper's ablation baselines")
+    parser.add_argument("--aggregator", type=str, default="tca", choices=AGGREGATORS,
+                        help="Video aggregator to train: TCA (the paper's model, mean pooling), tca_netvlad (TCA "
+                             "with a NetVLAD head, the paper's NetVLAD+Transformer ablation) or one of the paper's "
+                             "ablation baselines")
     parser.add_argument("-nc", "--num_clusters", type=int, default=256,
-                        help="Number of clusters of --aggregator netvlad/nextvlad (no effect on tca, lstm, gru)")
+                        help="Number of clusters of --aggregator netvlad/nextvlad/tca_netvlad (no effect on tca, lstm, gru)")
     parser.add_argument("-od", "--output_dim", type=int, default=1024,
-                        help="Embedding size of --aggregator netvlad/nextvlad and hidden size of lstm/gru "
+                        help="Embedding size of --aggregator netvlad/nextvlad/tca_netvlad and hidden size of lstm/gru "
                              "(no effect on tca, whose embedding has --pca_components dimensions)")
     parser.add_argument("-nl", "--num_layers", type=int, default=1,
                         help="Number of transformer encoder layers of TCA (recurrent layers of LSTM/GRU)")
@@ -153,10 +155,16 @@ def infonce_loss(logits):
 LOSSES = {"circle": circle_loss, "circle_upstream": circle_loss_upstream, "infonce": infonce_loss}
 
 
+AGGREGATORS = ["tca", "tca_netvlad", "netvlad", "nextvlad", "lstm", "gru"]
+
+
 def build_encoder(args):
     """The aggregator, as upstream builds it for training (constructor names as in model.py)."""
     if args.aggregator == "tca":
         return TCA(feature_size=args.pca_components, nlayers=args.num_layers, dropout=args.dropout)
+    if args.aggregator == "tca_netvlad":
+        return TCA(feature_size=args.pca_components, nlayers=args.num_layers, dropout=args.dropout,
+                   pooling="netvlad", num_clusters=args.num_clusters, output_dim=args.output_dim)
     if args.aggregator == "netvlad":
         return NetVLAD(feature_size=args.pca_components, num_clusters=args.num_clusters,
                        output_dim=args.output_dim, normalize_input=args.normalize_input)

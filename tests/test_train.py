@@ -225,8 +225,8 @@ def test_upstream_readme_command_parses_and_every_flag_is_documented():
         assert action.help, action.option_strings
 
 
-@pytest.mark.parametrize("aggregator,loss", [("tca", "circle"), ("netvlad", "infonce"), ("nextvlad", "circle"),
-                                             ("lstm", "circle_upstream"), ("gru", "infonce")])
+@pytest.mark.parametrize("aggregator,loss", [("tca", "circle"), ("tca_netvlad", "infonce"), ("netvlad", "infonce"),
+                                             ("nextvlad", "circle"), ("lstm", "circle_upstream"), ("gru", "infonce")])
 def test_every_aggregator_and_loss_takes_a_training_step(synthetic, aggregator, loss):
     args = train.get_args_parser().parse_args(
         ["-ap", "a", "-fp", "f", "-mp", "m", "--pca_components", str(C), "--aggregator", aggregator,
