@@ -85,7 +85,7 @@ def get_args_parser():
                         help="procedural sources per split (train: one copy group each; eval: one query each)")
     parser.add_argument("--distractors", type=int, default=8, help="unrelated procedural videos in the eval database")
     parser.add_argument("--backgrounds", type=int, default=8, help="unrelated procedural background videos (the negatives) of the train split")
-    parser.add_argument("--train_copies", type=int, default=3, help="transformed copies per train source (each group has 1 + this many videos)")
+    parser.add_argument("--train_copies", type=int, default=5, help="transformed copies per train source (each group has 1 + this many videos)")
     parser.add_argument("--eval_nd", type=int, default=3, help="ND copies (whole-clip transformations) per eval query")
     parser.add_argument("--eval_ds", type=int, default=2, help="DS copies (partial copies) per eval query")
     parser.add_argument("--jobs", type=int, default=2, help="ffmpeg processes run in parallel (each single-threaded)")
