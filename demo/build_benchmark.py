@@ -329,10 +329,11 @@ def plan(seed, clip_seconds, num_procedural, num_distractors, num_backgrounds, t
     backgrounds = unrelated("train", "background", num_backgrounds)
     videos += backgrounds
     train_sources = []
-    path, w, h, _ = reals["carphone"]
+    path, w, h, frames = reals["carphone"]
+    nc = min(n, frames)  # carphone lasts 4 s
     train_sources.append(video("train-carphone", "train", "source", "train-carphone", stage=1, inputs=[path],
-                               graph=cut(0, 0, n, (0, 0, w, h), (w, h), fps_first=True), num_frames=n,
-                               size=(w, h), segment=[0, n], transform="original"))
+                               graph=cut(0, 0, nc, (0, 0, w, h), (w, h), fps_first=True), num_frames=nc,
+                               size=(w, h), segment=[0, nc], transform="original"))
     for i, kind in enumerate(procedural_kinds(num_procedural, None)):
         vid = f"train-proc{i:02d}-{kind}"
         train_sources.append(video(vid, "train", "source", vid, stage=1,
@@ -346,8 +347,8 @@ def plan(seed, clip_seconds, num_procedural, num_distractors, num_backgrounds, t
         if src["id"] == "train-carphone":  # its real distorted version is one of the copies
             path, w, h, _ = reals["carphone_distorted"]
             group.append(video("train-carphone-distorted", "train", "copy", src["id"], stage=1, inputs=[path],
-                               graph=cut(0, 0, n, (0, 0, w, h), (w, h), fps_first=True), num_frames=n,
-                               size=(w, h), segment=[0, n], transform="distorted"))
+                               graph=cut(0, 0, nc, (0, 0, w, h), (w, h), fps_first=True), num_frames=nc,
+                               size=(w, h), segment=[0, nc], transform="distorted"))
             names = names[:-1]
         for name in names:
             host = rng.choice(backgrounds) if backgrounds else None
@@ -360,7 +361,7 @@ def plan(seed, clip_seconds, num_procedural, num_distractors, num_backgrounds, t
     # ---- eval split: queries from bigbuckbunny, bikes and procedural masters
     distractors = unrelated("eval", "distractor", num_distractors, first="testsrc2" if num_distractors else None)
     videos += distractors
-    query_masters = []  # (group, input, width, height, available frames, fps_first)
+    query_masters = []  # (group, input, width, height, frames available)
     for name in ("bigbuckbunny", "bikes"):
         path, w, h, frames = reals[name]
         query_masters.append((f"eval-{name}", path, w, h, frames))
