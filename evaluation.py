@@ -71,10 +71,10 @@ def get_args_parser():
     parser.add_argument("-nl", "--num_layers", type=int, default=None,
                         help="Transformer / recurrent layers (default: from args.json, else 1)")
     parser.add_argument("-nc", "--num_clusters", type=int, default=None,
-                        help="NetVLAD/NeXtVLAD clusters (default: from args.json, else 256); accepted for the "
+                        help="NetVLAD/NeXtVLAD/tca_netvlad clusters (default: from args.json, else 256); accepted for the "
                              "upstream README command, no effect on tca, lstm, gru")
     parser.add_argument("-od", "--output_dim", type=int, default=None,
-                        help="NetVLAD/NeXtVLAD embedding size, LSTM/GRU hidden size (default: from args.json, "
+                        help="NetVLAD/NeXtVLAD/tca_netvlad embedding size, LSTM/GRU hidden size (default: from args.json, "
                              "else 1024); accepted for the upstream README command, no effect on tca")
     parser.add_argument("-ni", "--normalize_input", action="store_true", default=None,
                         help="NetVLAD/NeXtVLAD were trained with input normalisation (default: from args.json); "

@@ -13,7 +13,7 @@ import data  # noqa: E402
 from data import CC_WEB_VIDEO, EVVE, FIVR, VCDB, average_precision, load_benchmark  # noqa: E402
 from utils import UserError  # noqa: E402
 
-ANNOTATIONS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets")
+from conftest import ANNOTATION_DIR as ANNOTATIONS  # noqa: E402
 
 
 class Log(list):

@@ -17,7 +17,7 @@ import evaluation  # noqa: E402
 from model import chamfer_similarity  # noqa: E402
 from utils import l2_normalize  # noqa: E402
 
-ANNOTATIONS = os.path.join(ROOT, "..", "shared", "datasets")
+from conftest import ANNOTATION_DIR as ANNOTATIONS  # noqa: E402
 
 
 def run(argv, capsys):

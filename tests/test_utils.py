@@ -10,7 +10,7 @@ import torch
 import utils
 from utils import UserError
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets")
+from conftest import ANNOTATION_DIR as SHARED  # noqa: E402
 
 
 def test_l2_normalize_torch_and_numpy():
