@@ -220,6 +220,9 @@ def main():
     videos = read_video_list(args.video_list)
     failures_path = args.failures or os.path.join(args.output, "failures.tsv")
     os.makedirs(args.output, exist_ok=True)
+    # temporaries of atomic_path ('.<id>.npy.<random>.tmp') left by a killed run
+    for stale in glob.glob(os.path.join(args.output, "**", ".*.npy.*.tmp"), recursive=True):
+        os.remove(stale)
 
     todo = [(vid, path) for vid, path in videos if not os.path.exists(_frames_path(args.output, vid))]
     print(f"{len(videos)} videos, {len(videos) - len(todo)} already done, {len(todo)} to decode")
