@@ -260,7 +260,7 @@ def get_args_parser():
     parser.add_argument("--checkpoint_every", type=float, default=60.0,
                         help="seconds between saves of finished videos; a killed run loses at most this much work")
     parser.add_argument("--failures", default=None,
-                        help="where to list the videos that failed (default: OUTPUT.failures.tsv)")
+                        help="where to list the videos that failed; None: OUTPUT.failures.tsv")
     return parser
 
 

@@ -192,7 +192,7 @@ def get_args_parser():
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="parallel decoding processes (0: decode in this process)")
     parser.add_argument("--failures", default=None,
-                        help="where to list the videos that failed (default: OUTPUT/failures.tsv)")
+                        help="where to list the videos that failed; None: OUTPUT/failures.tsv")
     return parser
 
 
