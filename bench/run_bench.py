@@ -99,8 +99,8 @@ def get_args_parser():
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"Comma-separated sections to run, of: {', '.join(SECTIONS)}")
     parser.add_argument("--annotation_dir", default=None,
-                        help="Directory holding fivr.pickle for the map section (default: datasets/ if it has "
-                             "it, else ../shared/datasets, both relative to the repository)")
+                        help="Directory holding fivr.pickle for the map section (default: $TCA_ANNOTATION_DIR, "
+                             "else datasets/ if it has it, else ../shared/datasets beside the repository)")
     parser.add_argument("--resnet_weights", default=None,
                         help="Local ResNet-50 state dict for the extraction section (default: seeded random "
                              "weights, which run at the same speed; the bf16 deviation is then indicative only)")
@@ -384,12 +384,14 @@ def visil_fivr_map(annotation, similarities, all_db):
 
 
 def find_annotation_dir(given):
+    given = given or os.environ.get("TCA_ANNOTATION_DIR")
     if given:
         return given
     for candidate in (os.path.join(REPO, "datasets"), os.path.join(REPO, "..", "shared", "datasets")):
         if os.path.isfile(os.path.join(candidate, "fivr.pickle")):
             return os.path.abspath(candidate)
-    raise UserError("map section: no fivr.pickle in datasets/ or ../shared/datasets; pass --annotation_dir")
+    raise UserError("map section: no fivr.pickle in datasets/ or ../shared/datasets; pass --annotation_dir "
+                    "(see datasets/README.md)")
 
 
 def fivr_similarities(benchmark, num_queries, num_database, seed=5):

@@ -5,8 +5,9 @@ import os
 import subprocess
 import sys
 
+from conftest import ANNOTATION_DIR as ANNOTATIONS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANNOTATIONS = os.path.join(REPO, "..", "shared", "datasets")
 
 
 def test_quick_run_reports_every_section(tmp_path):
