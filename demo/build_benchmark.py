@@ -81,8 +81,9 @@ def get_args_parser():
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (generator parameters, transformations, hosts)")
     parser.add_argument("--clip_seconds", type=float, default=4.0,
                         help="length of every source clip in seconds (0.5 to 4.5: the eval windows are cut from the 5.3 s bigbuckbunny)")
-    parser.add_argument("--procedural", type=int, default=4,
-                        help="procedural sources per split (train: one copy group each; eval: one query each)")
+    parser.add_argument("--procedural", type=int, default=4, help="procedural eval queries (one master each)")
+    parser.add_argument("--train_procedural", type=int, default=4,
+                        help="procedural train sources (one copy group each, beside carphone's)")
     parser.add_argument("--distractors", type=int, default=8, help="unrelated procedural videos in the eval database")
     parser.add_argument("--backgrounds", type=int, default=8, help="unrelated procedural background videos (the negatives) of the train split")
     parser.add_argument("--train_copies", type=int, default=5, help="transformed copies per train source (each group has 1 + this many videos)")
@@ -303,9 +304,11 @@ def transform(name, rng, src, host, vid, split, group, label=None):
     raise ValueError(name)
 
 
-def plan(seed, clip_seconds, num_procedural, num_distractors, num_backgrounds, train_copies, eval_nd, eval_ds):
+def plan(seed, clip_seconds, num_procedural, num_distractors, num_backgrounds, train_copies, eval_nd, eval_ds,
+         num_train_procedural=None):
     """Every video of the benchmark as a list of specs (see `video`), plus the
-    procedural masters the eval windows are cut from. Deterministic in `seed`."""
+    procedural masters the eval windows are cut from. Deterministic in `seed`.
+    num_train_procedural defaults to num_procedural."""
     rng = random.Random(seed)
     n = int(round(clip_seconds * FPS))
     reals = real_videos()
@@ -334,7 +337,9 @@ def plan(seed, clip_seconds, num_procedural, num_distractors, num_backgrounds, t
     train_sources.append(video("train-carphone", "train", "source", "train-carphone", stage=1, inputs=[path],
                                graph=cut(0, 0, nc, (0, 0, w, h), (w, h), fps_first=True), num_frames=nc,
                                size=(w, h), segment=[0, nc], transform="original"))
-    for i, kind in enumerate(procedural_kinds(num_procedural, None)):
+    if num_train_procedural is None:
+        num_train_procedural = num_procedural
+    for i, kind in enumerate(procedural_kinds(num_train_procedural, None)):
         vid = f"train-proc{i:02d}-{kind}"
         train_sources.append(video(vid, "train", "source", vid, stage=1,
                                    inputs=[lavfi(procedural_graph(kind, rng, SIZE, n))], graph=finish("[0:v]null"),
@@ -456,7 +461,7 @@ def main():
     args = get_args_parser().parse_args()
     if not 0.5 <= args.clip_seconds <= 4.5:
         raise UserError(f"--clip_seconds {args.clip_seconds}: must be between 0.5 and 4.5")
-    for flag in ("procedural", "distractors", "backgrounds", "train_copies", "eval_nd", "eval_ds"):
+    for flag in ("procedural", "train_procedural", "distractors", "backgrounds", "train_copies", "eval_nd", "eval_ds"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be >= 0")
     if args.train_copies < 1:
@@ -470,7 +475,8 @@ def main():
 
     start = time.time()
     masters, videos, vcdb, fivr = plan(args.seed, args.clip_seconds, args.procedural, args.distractors,
-                                       args.backgrounds, args.train_copies, args.eval_nd, args.eval_ds)
+                                       args.backgrounds, args.train_copies, args.eval_nd, args.eval_ds,
+                                       args.train_procedural)
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
     os.makedirs(os.path.join(out, "masters"), exist_ok=True)

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import UserError, run_main  # noqa: E402
@@ -42,8 +43,37 @@ def get_args_parser():
     weights.add_argument("--weights", help="local torchvision ResNet-50 ImageNet state dict (resnet50-0676ba61.pth), "
                                            "for machines that cannot download it")
     weights.add_argument("--random-weights", action="store_true",
-                         help="random ResNet-50 (checks the plumbing offline; the numbers mean nothing)")
+                         help="random ResNet-50 (what the demo falls back to, with a warning, when neither flag is "
+                              "given and the ImageNet weights are neither in the torch hub cache nor downloadable)")
     return parser
+
+
+def imagenet_weights_available(timeout=5.0):
+    """True if torchvision's ImageNet ResNet-50 is in the torch hub cache or its
+    URL answers within `timeout` seconds (extract_features.py then downloads it)."""
+    import torch
+    import torchvision
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    if os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))):
+        return True
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except Exception:  # no network, DNS failure, proxy refusal, timeout, ...
+        return False
+
+
+def choose_backbone(args, available=imagenet_weights_available):
+    """extract_features.py flags for the ResNet-50 weights, and their name for the table."""
+    if args.weights:
+        return ["--weights", args.weights], f"ImageNet ResNet-50 ({args.weights})"
+    if args.random_weights:
+        return ["--random-weights"], "random ResNet-50 (--random-weights)"
+    if available():
+        return [], "ImageNet ResNet-50 (torchvision IMAGENET1K_V1)"
+    print("[demo] WARNING: ImageNet ResNet-50 weights neither cached nor downloadable: falling back to a RANDOM "
+          "ResNet-50 (pass --weights resnet50-0676ba61.pth for real features)", flush=True)
+    return ["--random-weights"], "random ResNet-50 (ImageNet weights unavailable offline)"
 
 
 def step(name, cmd, output):
@@ -73,8 +103,15 @@ def main():
     step("benchmark", [py, "demo/build_benchmark.py", "--out", bench, "--seed", str(args.seed)],
          os.path.join(bench, "benchmark.json"))
 
-    backbone = (["--weights", args.weights] if args.weights else
-                ["--random-weights"] if args.random_weights else [])
+    # features of an existing run were extracted with the backbone that run chose
+    backbone_note = os.path.join(feats, "backbone.txt")
+    if os.path.exists(os.path.join(feats, "eval_imac.h5")) and os.path.exists(backbone_note):
+        with open(backbone_note) as f:
+            backbone, backbone_name = [], f.read().strip()
+    else:
+        backbone, backbone_name = choose_backbone(args)
+        with open(backbone_note, "w") as f:
+            f.write(backbone_name + "\n")
     for split in ("train", "eval"):
         step(f"features ({split})", [py, "pre-processing/extract_features.py",
                                      "--video_list", os.path.join(bench, f"{split}_videos.txt"),
@@ -124,12 +161,11 @@ def main():
              f"|{'-' * 36}|" + "|".join("-" * 10 for _ in METRICS) + "|"]
     for name, values in rows:
         table.append(f"| {name:<34} | " + " | ".join(f"{v:8.4f}" if v is not None else "     n/a" for v in values) + " |")
+    table.append(f"\nframe features: {backbone_name}")
     text = "\n".join(table)
     with open(os.path.join(results, "table.md"), "w") as f:
         f.write(text + "\n")
     print(f"\nmini benchmark (FIVR format), {time.time() - start:.0f} s in all, outputs in {out}\n{text}")
-    if args.random_weights:
-        print("(--random-weights: random ResNet-50 features, the numbers mean nothing)")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None,
                                 reason="ffmpeg CLI not installed (apt-get install -y ffmpeg)")
 
 # every ND and DS transformation, so each one is checked
-SMALL = ["--clip_seconds", "1.2", "--procedural", "1", "--distractors", "2", "--backgrounds", "2",
+SMALL = ["--clip_seconds", "1.2", "--procedural", "1", "--train_procedural", "1", "--distractors", "2", "--backgrounds", "2",
          "--train_copies", "3", "--eval_nd", "6", "--eval_ds", "3", "--seed", "3"]
 
 
@@ -221,7 +221,7 @@ def test_vcdb_overlaps_follow_the_segments(bench):
 def test_same_seed_same_benchmark(bench, tmp_path):
     builder = load_builder()
     config = dict(seed=3, clip_seconds=1.2, num_procedural=1, num_distractors=2, num_backgrounds=2,
-                  train_copies=3, eval_nd=6, eval_ds=3)
+                  train_copies=3, eval_nd=6, eval_ds=3, num_train_procedural=1)
     first, second = builder.plan(**config), builder.plan(**config)
     assert pickle.dumps(first) == pickle.dumps(second)
     assert pickle.dumps(builder.plan(**dict(config, seed=4))) != pickle.dumps(first)
@@ -245,3 +245,18 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     result = subprocess.run([sys.executable, BUILD, "--out", str(tmp_path), "--ffmpeg", "no-such-ffmpeg"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "ffmpeg not found" in result.stderr
+
+
+def test_run_demo_weights_fallback(capsys):
+    """Offline, the demo falls back to a random ResNet-50 with a warning and names it; explicit flags win."""
+    spec = importlib.util.spec_from_file_location("run_demo", os.path.join(ROOT, "demo", "run_demo.py"))
+    run_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_demo)
+    parse = run_demo.get_args_parser().parse_args
+    flags, name = run_demo.choose_backbone(parse([]), available=lambda: False)
+    assert flags == ["--random-weights"] and "random" in name
+    assert "WARNING" in capsys.readouterr().out
+    flags, name = run_demo.choose_backbone(parse([]), available=lambda: True)
+    assert flags == [] and "ImageNet" in name
+    assert run_demo.choose_backbone(parse(["--weights", "r.pth"]), available=lambda: False)[0] == ["--weights", "r.pth"]
+    assert run_demo.choose_backbone(parse(["--random-weights"]), available=lambda: True)[0] == ["--random-weights"]
