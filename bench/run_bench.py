@@ -855,7 +855,8 @@ def machine_info():
                                 text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
+        if dirty:  # name them: other people's work in progress may be what was measured
+            commit += " with uncommitted changes to " + ", ".join(line.split(maxsplit=1)[1] for line in dirty.splitlines())
     except OSError:
         commit = "unknown"
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gb": memory_gb, "commit": commit,
