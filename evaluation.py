@@ -43,6 +43,12 @@ from utils import UserError, atomic_path, l2_normalize, load_state_dict, open_fe
 # torch, model.py, train.py and pandas are imported in the functions that use
 # them, to keep the start-up of a --similarities run short.
 
+# A batch's longest chunk is at most this many times its shortest (plus a few
+# frames, so short videos do not end up one length per batch): attention runs
+# on the padded (n, T, T) batch, and with a frame budget alone one batch of
+# 30-300 frame videos spans 30 to ~234 frames, twice the useful attention work.
+BATCH_LENGTH_SPREAD, BATCH_LENGTH_SLACK = 1.15, 8
+
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Evaluate video retrieval (mAP) on a benchmark.")
@@ -266,11 +272,14 @@ def encode_videos(model, features, keys, lengths, args, desc):
     start = 0
     while start < len(order):
         # grow the batch while its padded chunks fit in the frame budget
+        # (and while its longest chunk stays within the spread of its shortest)
         stop, num_chunks, longest = start, 0, 0
+        shortest = min(b - a for a, b in _chunk_bounds(int(lengths[order[start]]), args.padding_size))
         while stop < len(order):
             bounds = _chunk_bounds(int(lengths[order[stop]]), args.padding_size)
             chunk_len = max(b - a for a, b in bounds)
-            if stop > start and (num_chunks + len(bounds)) * max(longest, chunk_len) > args.frames_per_batch:
+            if stop > start and ((num_chunks + len(bounds)) * max(longest, chunk_len) > args.frames_per_batch
+                                 or chunk_len > BATCH_LENGTH_SPREAD * shortest + BATCH_LENGTH_SLACK):
                 break
             num_chunks, longest, stop = num_chunks + len(bounds), max(longest, chunk_len), stop + 1
         batch = order[start:stop]

@@ -40,6 +40,12 @@ ENCODE_FRAMES_PER_BATCH = 16384
 # frame-to-frame similarities (64 MB in float32).
 CHAMFER_CHUNK_SIZE = 1 << 24
 
+# chamfer pads the videos of a block to the block's longest by replication;
+# a block's longest video is at most this many times its shortest, so the
+# matrix products spend at most ~15% of their FLOPs on padding whatever the
+# spread of lengths (without the bound, 30-300 frame videos cost 1.85x).
+CHAMFER_LENGTH_SPREAD = 1.15
+
 
 # --------------------------------------------------------------------------
 # helpers shared by the aggregators
@@ -145,6 +151,14 @@ class TCA(nn.Module):
     def frame_features(self, x, num_frames):
         """Transformer outputs (N, T, C) of x (N, C, T), zero on padded frames,
         and the (N, T) mask of valid frames."""
+        tokens, frame_mask = self._valid_frame_outputs(x, num_frames)
+        out = tokens.new_zeros(x.shape[0], x.shape[2], x.shape[1])  # (N, T, C)
+        out[frame_mask] = tokens
+        return out, frame_mask
+
+    def _valid_frame_outputs(self, x, num_frames):
+        """Transformer outputs (M, C) of the M valid frames of x (N, C, T), in
+        (video, time) order, and the (N, T) mask of valid frames."""
         _check_channels(x, self.feature_size)
         frame_mask = _frame_mask(x, num_frames)  # (N, T)
         # The layers' computation is spelled out here instead of calling
@@ -159,18 +173,22 @@ class TCA(nn.Module):
             tokens = layer.norm1(tokens + layer.dropout1(attended))
             hidden = layer.dropout(layer.activation(layer.linear1(tokens)))
             tokens = layer.norm2(tokens + layer.dropout2(layer.linear2(hidden)))
-        out = tokens.new_zeros(x.shape[0], x.shape[2], x.shape[1])  # (N, T, C)
-        out[frame_mask] = tokens
-        return out, frame_mask
+        return tokens, frame_mask
 
     def forward(self, x, num_frames=None):
         """Video embeddings (N, output_dim), L2-normalised, of x (N, C, T)."""
         if isinstance(x, (list, tuple)):
             x, num_frames = _pad_videos(self, x)
-        frames, frame_mask = self.frame_features(x, num_frames)
         if self.pooling == 'netvlad':
+            frames, frame_mask = self.frame_features(x, num_frames)
             return self.netvlad(frames.transpose(1, 2), frame_mask.sum(1))
-        return l2_normalize(_masked_mean(frames, frame_mask))  # (N, C)
+        # mean of the valid frames' outputs straight from the (M, C) tokens (a
+        # segment sum), without building the padded (N, T, C) output
+        tokens, frame_mask = self._valid_frame_outputs(x, num_frames)
+        count = frame_mask.sum(1)  # (N,)
+        owner = torch.repeat_interleave(torch.arange(len(count), device=count.device), count)  # (M,)
+        summed = tokens.new_zeros(len(count), tokens.shape[1]).index_add_(0, owner, tokens)  # (N, C)
+        return l2_normalize(summed / count.clamp(min=1).unsqueeze(1).to(summed.dtype))  # (N, C)
 
     def encode(self, x, num_frames=None):
         """Frame embeddings, L2-normalised per frame: (N, T, C) for x (N, C, T),
@@ -537,14 +555,16 @@ def _replicate_padding(x, num_frames):
     return torch.where(valid.unsqueeze(-1), x, x[:, :1])
 
 
-def _length_blocks(order, lengths, budget):
+def _length_blocks(order, lengths, budget, spread=CHAMFER_LENGTH_SPREAD):
     """Split videos, sorted by length, into consecutive blocks whose padded
-    size (count * longest length) fits in budget (at least one video each).
+    size (count * longest length) fits in budget (at least one video each)
+    and whose longest length is at most spread * the shortest.
     Yields (indices, padded length)."""
     start = 0
     while start < len(order):
         stop = start + 1
-        while stop < len(order) and (stop + 1 - start) * lengths[stop] <= budget:
+        while (stop < len(order) and (stop + 1 - start) * lengths[stop] <= budget
+               and lengths[stop] <= spread * lengths[start]):
             stop += 1
         yield order[start:stop], lengths[stop - 1]
         start = stop
@@ -575,15 +595,52 @@ def _chamfer(query, query_num_frames, database, database_num_frames, chunk_size,
     # holding one video longer than its budget is cut into frame ranges by
     # _chamfer_block.
     row_budget = max(math.isqrt(chunk_size), chunk_size // sum(d_lengths))
-    q_blocks = list(_length_blocks(q_order, q_lengths, row_budget))
-    rows = min(row_budget, max(len(idx) * length for idx, length in q_blocks))
+    # Length-bounded query blocks are small; consecutive ones are stacked into
+    # groups of at most row_budget rows (padded once, about the size of
+    # `query`), so each matrix product still has many rows.
+    groups, group = [], []
+    for q_idx, q_len in _length_blocks(q_order, q_lengths, row_budget):
+        if group and sum(b.shape[0] * b.shape[1] for _, b in group) + len(q_idx) * q_len > row_budget:
+            groups.append(group)
+            group = []
+        group.append((q_idx, _replicate_padding(query[q_idx, :q_len], qn[q_idx])))  # (nq, Tq, C)
+    groups.append(group)
+    groups = [(group, torch.cat([b.reshape(-1, b.shape[2]) for _, b in group])) for group in groups]
+    rows = max(len(group_rows) for _, group_rows in groups)
     for d_idx, d_len in _length_blocks(d_order, d_lengths, max(1, chunk_size // rows)):
         d_block = _replicate_padding(database[d_idx, :d_len], dn[d_idx])  # (nd, Td, C)
-        for q_idx, q_len in q_blocks:
-            q_block = _replicate_padding(query[q_idx, :q_len], qn[q_idx])  # (nq, Tq, C)
-            sims = _chamfer_block(q_block, qn[q_idx], d_block, dn[d_idx], chunk_size, symmetric)
-            out[q_idx.unsqueeze(1), d_idx.unsqueeze(0)] = sims
+        for group, group_rows in groups:
+            if len(group_rows) * d_block.shape[0] * d_len <= chunk_size:
+                sims = torch.mm(group_rows, d_block.reshape(-1, d_block.shape[2]).t())  # (R, nd * Td)
+                for q_idx, sims in _split_group(group, sims, qn, dn[d_idx], symmetric):
+                    out[q_idx.unsqueeze(1), d_idx.unsqueeze(0)] = sims
+            else:  # a database video longer than the budget: frame ranges
+                for q_idx, q_block in group:
+                    sims = _chamfer_block(q_block, qn[q_idx], d_block, dn[d_idx], chunk_size, symmetric)
+                    out[q_idx.unsqueeze(1), d_idx.unsqueeze(0)] = sims
     return out
+
+
+def _split_group(group, sims, qn, dn, symmetric):
+    """Yield (query indices, (nq, nd) chamfer similarities) for each query
+    block of `group` from the similarities sims (R, nd * Td) of its stacked
+    frames with a block of database videos padded by replication."""
+    nd = len(dn)
+    d_len = sims.shape[1] // nd
+    best_d = sims.view(-1, nd, d_len).amax(2)  # (R, nd) best database frame of each query frame
+    start = 0
+    for q_idx, q_block in group:
+        nq, q_len, _ = q_block.shape
+        rows = slice(start, start + nq * q_len)
+        start += nq * q_len
+        q_valid = (torch.arange(q_len, device=qn.device) < qn[q_idx].unsqueeze(1)).to(sims.dtype)  # (nq, Tq)
+        result = (best_d[rows].view(nq, q_len, nd) * q_valid.unsqueeze(2)).sum(1)  # (nq, nd)
+        result = result / qn[q_idx].unsqueeze(1).to(sims.dtype)
+        if symmetric:
+            best_q = sims[rows].view(nq, q_len, nd, d_len).amax(1)  # (nq, nd, Td) best query frame
+            d_valid = (torch.arange(d_len, device=dn.device) < dn.unsqueeze(1)).to(sims.dtype)  # (nd, Td)
+            result = (result + (best_q * d_valid).sum(2) / dn.to(sims.dtype)) / 2
+        yield q_idx, result
 
 
 def _chamfer_block(q_block, qn, d_block, dn, chunk_size, symmetric):

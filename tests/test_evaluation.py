@@ -265,3 +265,17 @@ def test_features_of_the_wrong_size_are_one_line(tmp_path, mini, capsys, tca_che
     status, _, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root, "--feature_path",
                           tmp_path / "f.hdf5", "--model_path", path, "--device", "cpu"], capsys)
     assert status == 2 and err.count("\n") == 1 and f"expected (frames, {C})" in err
+
+
+def test_encode_videos_batches_videos_of_similar_length():
+    """A batch never pads its shortest chunk beyond the length spread (attention
+    runs on the padded batch), and every video comes out once."""
+    lengths = np.random.default_rng(0).integers(1, 300, 100)
+    features = {str(i): np.ones((t, 4), np.float32) for i, t in enumerate(lengths)}
+    args = SimpleNamespace(metric="chamfer", padding_size=0, frames_per_batch=16384, device="cpu")
+    seen = []
+    for batch, (frames, num_frames) in evaluation.encode_videos(None, features, list(features), lengths, args, "t"):
+        assert num_frames.tolist() == lengths[batch].tolist()
+        assert lengths[batch].max() <= evaluation.BATCH_LENGTH_SPREAD * lengths[batch].min() + evaluation.BATCH_LENGTH_SLACK
+        seen.extend(batch.tolist())
+    assert sorted(seen) == list(range(len(lengths)))

@@ -498,3 +498,17 @@ def test_import_needs_no_horovod_and_no_cuda_calls():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
     with open(os.path.join(REPO, "model.py")) as f:
         assert ".cuda(" not in f.read()
+
+
+def test_chamfer_blocks_bound_the_padding():
+    """Each block of videos padded together has its longest at most
+    CHAMFER_LENGTH_SPREAD times its shortest and fits the frame budget."""
+    from model import CHAMFER_LENGTH_SPREAD, _length_blocks
+    lengths = sorted(torch.randint(1, 300, (200,), generator=torch.Generator().manual_seed(0)).tolist())
+    blocks = list(_length_blocks(torch.arange(len(lengths)), lengths, 4096))
+    assert sum(len(idx) for idx, _ in blocks) == len(lengths)
+    for idx, padded_length in blocks:
+        block = [lengths[i] for i in idx.tolist()]
+        assert padded_length == max(block)
+        assert len(block) == 1 or (max(block) <= CHAMFER_LENGTH_SPREAD * min(block)
+                                   and len(block) * max(block) <= 4096)
