@@ -106,6 +106,9 @@ def get_args_parser():
                              "weights, which run at the same speed; the bf16 deviation is then indicative only)")
     parser.add_argument("--notes", default=os.path.join(REPO, "bench", "NOTES.md"),
                         help="Hand-written analysis appended to the report ('' for none)")
+    parser.add_argument("--render_only", action="store_true",
+                        help="Measure nothing: rewrite --out from the measurements already in --json "
+                             "(e.g. after editing --notes)")
     return parser
 
 
@@ -871,6 +874,15 @@ def machine_info():
 
 def main():
     args = get_args_parser().parse_args()
+    if args.render_only:
+        try:
+            with open(args.json) as f:
+                results = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{args.json}: cannot read measurements ({e})") from None
+        write_markdown(args.out, results, results["meta"], args.notes)
+        print(f"wrote {args.out} from {args.json}")
+        return
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
