@@ -244,14 +244,7 @@ class NetVLAD(nn.Module):
         self.bn1 = nn.BatchNorm1d(feature_size)
         self.conv = nn.Conv1d(feature_size, num_clusters, kernel_size=1, bias=True)  # soft-assignment
         self.centroids = nn.Parameter(torch.rand(num_clusters, feature_size))
-        self.bn2 = nn.BatchNorm1d(feature_size * num_clusters)
-        self.drop = nn.Dropout(drop_rate)
-        self.fc1 = nn.Linear(feature_size * num_clusters, output_dim)
-        self.bn3 = nn.BatchNorm1d(output_dim)
-        # context gating
-        self.fc2 = nn.Linear(output_dim, output_dim // gating_reduction)
-        self.bn4 = nn.BatchNorm1d(output_dim // gating_reduction)
-        self.fc3 = nn.Linear(output_dim // gating_reduction, output_dim)
+        _add_gated_head(self, feature_size * num_clusters, output_dim, drop_rate, gating_reduction)
         # initialise the assignment from the centroids, as upstream does
         # (its bias uses the centroid norm, not the squared norm of the paper)
         with torch.no_grad():
@@ -281,6 +274,18 @@ class NetVLAD(nn.Module):
         if isinstance(x, (list, tuple)):
             return _encode_list(self, x, crop=False)
         return self.residuals(x, num_frames)
+
+
+def _add_gated_head(m, vlad_size, output_dim, drop_rate, gating_reduction):
+    """The VLADs' head modules, under upstream's names: BN, dropout, fc1 + BN,
+    context gating (fc2, BN, fc3)."""
+    m.bn2 = nn.BatchNorm1d(vlad_size)
+    m.drop = nn.Dropout(drop_rate)
+    m.fc1 = nn.Linear(vlad_size, output_dim)
+    m.bn3 = nn.BatchNorm1d(output_dim)
+    m.fc2 = nn.Linear(output_dim, output_dim // gating_reduction)
+    m.bn4 = nn.BatchNorm1d(output_dim // gating_reduction)
+    m.fc3 = nn.Linear(output_dim // gating_reduction, output_dim)
 
 
 def _gated_embedding(vlad_module, vlad):
@@ -315,13 +320,7 @@ class NeXtVLAD(nn.Module):
         self.conv3 = nn.Conv1d(feature_size * expansion, num_clusters * groups, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm1d(num_clusters * groups)
         self.centroids = nn.Parameter(torch.rand(num_clusters, group_size))
-        self.bn2 = nn.BatchNorm1d(group_size * num_clusters)
-        self.drop = nn.Dropout(drop_rate)
-        self.fc1 = nn.Linear(group_size * num_clusters, output_dim)
-        self.bn3 = nn.BatchNorm1d(output_dim)
-        self.fc2 = nn.Linear(output_dim, output_dim // gating_reduction)
-        self.bn4 = nn.BatchNorm1d(output_dim // gating_reduction)
-        self.fc3 = nn.Linear(output_dim // gating_reduction, output_dim)
+        _add_gated_head(self, group_size * num_clusters, output_dim, drop_rate, gating_reduction)
 
     def residuals(self, x, num_frames):
         """Intra-normalised VLAD (N, num_clusters, feature_size * expansion // groups)."""
