@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data import DATASETS, load_benchmark
+from train import AGGREGATORS, build_encoder
 from utils import UserError, atomic_path, l2_normalize, load_state_dict, open_features, pad_sequences, run_main
 
 # torch, model.py, train.py and pandas are imported in the functions that use
@@ -70,7 +71,7 @@ def get_args_parser():
     parser.add_argument("--baseline", action="store_true",
                         help="No model: the video embedding is the L2-normalised mean of the frame features, "
                              "the frame embeddings are the L2-normalised frame features (the untrained baseline)")
-    parser.add_argument("--aggregator", type=str, default=None, choices=["tca", "tca_netvlad", "netvlad", "nextvlad", "lstm", "gru"],
+    parser.add_argument("--aggregator", type=str, default=None, choices=AGGREGATORS,
                         help="Architecture of --model_path (default: from args.json, else tca)")
     parser.add_argument("-pc", "--pca_components", type=int, default=None,
                         help="Feature size the model takes (default: from args.json, else 1024)")
@@ -192,7 +193,6 @@ def save_similarities(path, queries, database, similarities):
 
 def build_model(args):
     """The model of --model_path (eval mode), or None for --baseline."""
-    from train import build_encoder
 
     # architecture: flags given > train.py's args.json next to the checkpoint > upstream defaults
     defaults = {"aggregator": "tca", "pca_components": 1024, "num_layers": 1, "num_clusters": 256,
