@@ -291,7 +291,12 @@ def encode_videos(model, features, keys, lengths, args, desc):
                 owner.append(j)
         owner = torch.tensor(owner, device=args.device)
         with torch.no_grad():
-            padded, num_frames = pad_sequences(chunks, device=args.device)  # (K, T, C), (K,)
+            if model is not None and not frame_level:
+                # the aggregators take the list itself (TCA without a padded copy)
+                num_frames = torch.tensor([len(c) for c in chunks], device=args.device)
+                chunk_embeddings = model(chunks)  # (K, C')
+            else:
+                padded, num_frames = pad_sequences(chunks, device=args.device)  # (K, T, C), (K,)
             if model is None:  # baseline: the features themselves
                 frames = l2_normalize(padded) if frame_level else padded
                 chunk_embeddings = padded.sum(1) / num_frames.unsqueeze(1)  # (K, C) mean frame
@@ -299,8 +304,6 @@ def encode_videos(model, features, keys, lengths, args, desc):
                 frames = model.encode(padded.transpose(1, 2), num_frames)  # (K, T, C') or (K, clusters, C')
                 if vlad_output:
                     num_frames = torch.full_like(num_frames, frames.shape[1])
-            else:
-                chunk_embeddings = model(padded.transpose(1, 2), num_frames)  # (K, C')
             if frame_level:
                 per_video = [[] for _ in videos]
                 for k, j in enumerate(owner.tolist()):

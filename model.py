@@ -24,6 +24,7 @@ as T (upstream's data loader passes the uncropped length). `forward` and
 `encode` also accept a list of (T_i, C) videos instead.
 """
 import copy
+import itertools
 import math
 
 import torch
@@ -91,6 +92,20 @@ def _pad_videos(module, videos):
     return padded.transpose(1, 2), num_frames
 
 
+def _concat_videos(module, videos):
+    """A list of (T_i, C) videos as their frames (M, C) one after another, on
+    the module's device and dtype, and their lengths (N,)."""
+    param = next(module.parameters())
+    tensors = [torch.as_tensor(v) for v in videos]
+    for t in tensors:
+        if t.dim() != 2 or t.shape[1] != module.feature_size:
+            raise ValueError(f"expected videos (T, C={module.feature_size}), got {tuple(t.shape)}")
+    count = torch.tensor([len(t) for t in tensors], dtype=torch.long, device=param.device)
+    if not tensors:
+        return param.new_zeros(0, module.feature_size), count
+    return torch.cat(tensors).to(device=param.device, dtype=param.dtype), count
+
+
 def _encode_list(module, videos, crop=True):
     """`module.encode` for a list of (T_i, C) videos (arrays or tensors).
 
@@ -151,41 +166,50 @@ class TCA(nn.Module):
     def frame_features(self, x, num_frames):
         """Transformer outputs (N, T, C) of x (N, C, T), zero on padded frames,
         and the (N, T) mask of valid frames."""
-        tokens, frame_mask = self._valid_frame_outputs(x, num_frames)
+        _check_channels(x, self.feature_size)
+        frame_mask = _frame_mask(x, num_frames)  # (N, T)
+        tokens = self._transform(x.transpose(1, 2)[frame_mask], frame_mask)  # (M, C), M valid frames
         out = tokens.new_zeros(x.shape[0], x.shape[2], x.shape[1])  # (N, T, C)
         out[frame_mask] = tokens
         return out, frame_mask
 
-    def _valid_frame_outputs(self, x, num_frames):
-        """Transformer outputs (M, C) of the M valid frames of x (N, C, T), in
-        (video, time) order, and the (N, T) mask of valid frames."""
-        _check_channels(x, self.feature_size)
-        frame_mask = _frame_mask(x, num_frames)  # (N, T)
-        # The layers' computation is spelled out here instead of calling
-        # self.transformer_encoder: the token-wise parts (projections,
-        # feed-forward, LayerNorm) then run on the valid frames only, and the
-        # output never depends on PyTorch's inference fast path, which is
-        # slower on CPU and returns zeros at padded frames where the regular
-        # path returns garbage. Same parameters, same result.
-        tokens = x.transpose(1, 2)[frame_mask]  # (M, C), M valid frames
+    def _transform(self, tokens, frame_mask):
+        """Transformer outputs (M, C) of the valid frames `tokens` (M, C), in
+        (video, time) order, of videos whose frames the (N, T) mask marks.
+
+        The layers' computation is spelled out here instead of calling
+        self.transformer_encoder: the token-wise parts (projections,
+        feed-forward, LayerNorm) then run on the valid frames only, and the
+        output never depends on PyTorch's inference fast path, which is
+        slower on CPU and returns zeros at padded frames where the regular
+        path returns garbage. Same parameters, same result."""
         for layer in self.transformer_encoder.layers:
             attended = _self_attention(layer.self_attn, tokens, frame_mask, self.training)
             tokens = layer.norm1(tokens + layer.dropout1(attended))
             hidden = layer.dropout(layer.activation(layer.linear1(tokens)))
             tokens = layer.norm2(tokens + layer.dropout2(layer.linear2(hidden)))
-        return tokens, frame_mask
+        return tokens
 
     def forward(self, x, num_frames=None):
-        """Video embeddings (N, output_dim), L2-normalised, of x (N, C, T)."""
-        if isinstance(x, (list, tuple)):
-            x, num_frames = _pad_videos(self, x)
+        """Video embeddings (N, output_dim), L2-normalised, of x (N, C, T) or
+        of a list of N (T_i, C) videos."""
         if self.pooling == 'netvlad':
+            if isinstance(x, (list, tuple)):
+                x, num_frames = _pad_videos(self, x)
             frames, frame_mask = self.frame_features(x, num_frames)
             return self.netvlad(frames.transpose(1, 2), frame_mask.sum(1))
+        if isinstance(x, (list, tuple)):
+            # the frames of a list go straight into the (M, C) tokens: no
+            # padded copy to build and gather from
+            tokens, count = _concat_videos(self, x)
+            frame_mask = make_frame_mask(count, max(1, int(count.max())) if len(count) else 1)
+        else:
+            _check_channels(x, self.feature_size)
+            frame_mask = _frame_mask(x, num_frames)  # (N, T)
+            tokens, count = x.transpose(1, 2)[frame_mask], frame_mask.sum(1)
+        tokens = self._transform(tokens, frame_mask)
         # mean of the valid frames' outputs straight from the (M, C) tokens (a
         # segment sum), without building the padded (N, T, C) output
-        tokens, frame_mask = self._valid_frame_outputs(x, num_frames)
-        count = frame_mask.sum(1)  # (N,)
         owner = torch.repeat_interleave(torch.arange(len(count), device=count.device), count)  # (M,)
         summed = tokens.new_zeros(len(count), tokens.shape[1]).index_add_(0, owner, tokens)  # (N, C)
         return l2_normalize(summed / count.clamp(min=1).unsqueeze(1).to(summed.dtype))  # (N, C)
@@ -204,19 +228,22 @@ def _self_attention(attn, tokens, frame_mask, training):
     """nn.MultiheadAttention `attn` (its in_proj/out_proj weights and dropout)
     applied to the valid frames tokens (M, C) of videos with mask (N, T), each
     frame attending to the valid frames of its own video. Returns (M, C)."""
-    N, T = frame_mask.shape
     C = tokens.shape[1]
     heads = attn.num_heads
-    qkv = tokens.new_zeros(N, T, 3 * C)
-    qkv[frame_mask] = F.linear(tokens, attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(N, T, 3, heads, C // heads).permute(2, 0, 3, 1, 4)  # each (N, heads, T, C / heads)
-    # an empty video attends to its first (zero) slot rather than to nothing,
-    # which would be a NaN softmax; its outputs are dropped anyway
-    key_mask = frame_mask.clone()
-    key_mask[:, 0] = True
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
-                                         dropout_p=attn.dropout if training else 0.0)  # (N, heads, T, C / heads)
-    out = out.transpose(1, 2).reshape(N, T, C)[frame_mask]  # (M, C)
+    dropout = attn.dropout if training else 0.0
+    qkv = F.linear(tokens, attn.in_proj_weight, attn.in_proj_bias)  # (M, 3C)
+    # Consecutive videos of equal length are contiguous in qkv: each run of
+    # them is one batched call on a view, with no padding. A padded (N, T, 3C)
+    # copy would cost more memory traffic than the attention saves here.
+    outs, start = [], 0
+    for length, run in itertools.groupby(frame_mask.sum(1).tolist()):
+        size = length * len(list(run))
+        if length > 0:
+            q, k, v = qkv[start:start + size].view(-1, length, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (n, heads, length, C / heads)
+            outs.append(out.transpose(1, 2).reshape(size, C))
+        start += size
+    out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else qkv.new_zeros(0, C)
     return attn.out_proj(out)
 
 
