@@ -139,6 +139,33 @@ def test_empty_video_and_overlong_num_frames():
     assert model.encode(x, torch.tensor([0, 10, 10]))[0].abs().max() == 0
 
 
+def test_tca_runs_of_equal_lengths_and_empty_videos():
+    """Attention runs once per run of consecutive equal-length videos: runs,
+    lone videos and empty videos in any order give each video's own output
+    and gradients, from a padded batch and from a list alike."""
+    model = build("tca", dropout=0.0).train()
+    lengths = (4, 4, 4, 0, 7, 2, 2, 0, 0, 9, 4)
+    videos = [torch.randn(t, C) for t in lengths]
+    x, n = padded(videos, 9)
+    x.requires_grad_(True)
+    batched = model(x, n)
+    batched.square().sum().backward()
+    from_list = model([v.requires_grad_(True) for v in videos])
+    from_list.square().sum().backward()
+    for i, v in enumerate(videos):
+        assert torch.allclose(from_list[i], batched[i], atol=1e-6)
+        if len(v) == 0:
+            assert batched[i].abs().max() == 0
+            continue
+        alone = v.detach().t().unsqueeze(0).requires_grad_(True)
+        out = model(alone, [len(v)])
+        out.square().sum().backward()
+        assert torch.allclose(batched[i], out[0], atol=1e-5)
+        assert torch.allclose(x.grad[i, :, :len(v)], alone.grad[0], atol=1e-5)
+        assert torch.allclose(v.grad, alone.grad[0].t(), atol=1e-5)
+    assert x.grad[:, :, 9:].abs().sum() == 0
+
+
 def test_tca_training_has_gradients_and_dropout():
     model = build("tca", dropout=0.5).train()
     x, n = padded([torch.randn(8, C), torch.randn(5, C)], 8)
