@@ -45,17 +45,21 @@ LAYERS = ("layer1", "layer2", "layer3", "layer4")  # 256 + 512 + 1024 + 2048 = 3
 
 def imac(x):
     """iMAC of one layer: L2-normalise every location's channel vector, take
-    the global max over locations, L2-normalise. x: (N, C, H, W) -> (N, C)."""
-    x = l2_normalize(x, dim=1)
-    return l2_normalize(x.amax(dim=(2, 3)), dim=1)
+    the global max over locations, L2-normalise. x: (N, C, H, W) -> (N, C)
+    float32. A bfloat16 map (autocast) is not converted as a whole: the
+    per-location norms are computed in float32, and only the pooled vectors
+    are converted."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)  # (N, 1, H, W)
+    pooled = (x * norm.reciprocal().to(x.dtype)).amax(dim=(2, 3))  # (N, C)
+    return l2_normalize(pooled.float(), dim=1)
 
 
 def rmac(x):
     """Upstream's R-MAC variant: L2-normalise over channels, max-pool regions
     of 3p/2 x 3p/2 with stride p = floor(2/7 of the shorter side) (a 3x3 grid
     for 224-pixel frames), L2-normalise each region, sum, L2-normalise.
-    x: (N, C, H, W) -> (N, C)."""
-    x = l2_normalize(x, dim=1)
+    x: (N, C, H, W) -> (N, C) float32."""
+    x = l2_normalize(x.float(), dim=1)
     p = int(min(x.shape[-2:]) * 2 / 7)
     x = F.max_pool2d(x, kernel_size=int(p + p / 2), stride=p)  # (N, C, 3, 3)
     x = l2_normalize(x.flatten(2), dim=1).sum(dim=-1)  # (N, C)
@@ -81,7 +85,7 @@ class FrameFeatureExtractor(nn.Module):
         pooled = []
         for name in LAYERS:
             x = getattr(net, name)(x)
-            pooled.append(self.pool(x.float()))  # pool in fp32 also under bf16 autocast
+            pooled.append(self.pool(x))  # float32 (N, C) also under bf16 autocast
         return torch.cat(pooled, dim=1)
 
 

