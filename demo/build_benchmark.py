@@ -33,8 +33,9 @@ Output directory:
     benchmark.json        provenance of every video: split, role, group, transform, label,
                           frame count, size, source segment and the exact ffmpeg command
 
-Every random choice comes from one `random.Random(seed)`, planned before any
-rendering, and ffmpeg runs single-threaded with bit-exact flags, so a seed
+Every random choice comes from `random.Random` generators seeded from
+`seed`, one per split (so the train split's flags do not change the eval
+split), planned before any rendering, and ffmpeg runs single-threaded with bit-exact flags, so a seed
 gives the same annotation and the same bytes.
 
 Usage:
@@ -309,7 +310,7 @@ def plan(seed, clip_seconds, num_procedural, num_distractors, num_backgrounds, t
     """Every video of the benchmark as a list of specs (see `video`), plus the
     procedural masters the eval windows are cut from. Deterministic in `seed`.
     num_train_procedural defaults to num_procedural."""
-    rng = random.Random(seed)
+    rng = random.Random(f"{seed}-train")  # the helpers below read `rng`, which the eval split replaces
     n = int(round(clip_seconds * FPS))
     reals = real_videos()
     masters, videos = [], []
@@ -363,7 +364,9 @@ def plan(seed, clip_seconds, num_procedural, num_distractors, num_backgrounds, t
         videos += group[1:]
         pairs_groups.append(group)
 
-    # ---- eval split: queries from bigbuckbunny, bikes and procedural masters
+    # ---- eval split: queries from bigbuckbunny, bikes and procedural masters,
+    # from its own generator: the same for any train flags
+    rng = random.Random(f"{seed}-eval")
     distractors = unrelated("eval", "distractor", num_distractors, first="testsrc2" if num_distractors else None)
     videos += distractors
     query_masters = []  # (group, input, width, height, frames available)

@@ -239,6 +239,21 @@ def test_same_seed_same_benchmark(bench, tmp_path):
     assert digest[0] == digest[1]
 
 
+def test_train_flags_do_not_change_the_eval_split():
+    """Each split has its own random generator: a bigger train split leaves
+    the eval videos, masters and annotation exactly as they were."""
+    builder = load_builder()
+    config = dict(seed=3, clip_seconds=1.2, num_procedural=1, num_distractors=2, num_backgrounds=2,
+                  train_copies=3, eval_nd=6, eval_ds=3, num_train_procedural=1)
+    small = builder.plan(**config)
+    big = builder.plan(**dict(config, num_backgrounds=5, train_copies=4, num_train_procedural=3))
+    assert pickle.dumps(big[0]) == pickle.dumps(small[0])  # eval masters
+    assert pickle.dumps([v for v in big[1] if v["split"] == "eval"]) == \
+        pickle.dumps([v for v in small[1] if v["split"] == "eval"])
+    assert big[3] == small[3]
+    assert len(big[2]["video_pairs"]) > len(small[2]["video_pairs"]) and len(big[2]["negs"]) == 5
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path):
     result = subprocess.run([sys.executable, BUILD, "--out", str(tmp_path), "--clip_seconds", "9"],
                             capture_output=True, text=True)
@@ -262,3 +277,14 @@ def test_run_demo_weights_fallback(capsys):
     assert flags == [] and "ImageNet" in name
     assert run_demo.choose_backbone(parse(["--weights", "r.pth"]), available=lambda: False)[0] == ["--weights", "r.pth"]
     assert run_demo.choose_backbone(parse(["--random-weights"]), available=lambda: True)[0] == ["--random-weights"]
+
+
+def test_run_demo_bf16_only_where_the_cpu_has_it(tmp_path):
+    spec = importlib.util.spec_from_file_location("run_demo", os.path.join(ROOT, "demo", "run_demo.py"))
+    run_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_demo)
+    for flags, expected in (("fpu sse avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True),
+                            ("fpu sse avx2 avx512f", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert run_demo.cpu_has_fast_bf16(str(tmp_path / "cpuinfo")) is expected
+    assert run_demo.cpu_has_fast_bf16(str(tmp_path / "missing")) is False
