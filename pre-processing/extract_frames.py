@@ -93,7 +93,7 @@ def _glob_video_list(pattern):
 # --------------------------------------------------------------------------
 # decoding
 
-def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1):
+def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True):
     """Decode `path` at `fps` frames per second: the first frame of every
     1/fps-second interval, counted from the first frame, so a video whose last
     frame starts at time L gives floor(L * fps) + 1 frames. Each frame is
@@ -102,6 +102,11 @@ def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1):
 
     threads: FFmpeg decoding threads (0 = FFmpeg's choice); 1 suits parallel
         worker processes, which already keep every core busy.
+    skip_unused: in H.264 streams, do not decode the pictures that no other
+        picture references and that are not kept (typically most B-frames):
+        the same frames, bit for bit, for less decoding. Any stream this
+        cannot be planned for, or whose decoded frames differ from the plan,
+        is decoded in full.
     Returns uint8 (T, size, size, 3) RGB. Raises VideoError if the file cannot
     be opened or decoded, holds no video frame, or decodes to much less than
     the duration its container declares (a truncated download).
@@ -110,16 +115,50 @@ def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1):
         raise VideoError("file not found")
     if os.path.getsize(path) == 0:
         raise VideoError("empty file")
-    frames, last_bucket, first_time, last_time = [], -1, None, None
+    result = None
+    if skip_unused:
+        try:
+            plan = _plan_kept_pictures(path, fps)
+            if plan is not None:
+                result = _decode(path, fps, size, threads, plan)  # None: the frames did not follow the plan
+        except (av.FFmpegError, OSError, ValueError, RuntimeError):
+            result = None  # the full decode below tells whether the file itself is broken
     try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise VideoError("no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            stream.thread_count = threads
-            rate = float(stream.average_rate or stream.guessed_rate or 25)
-            for index, frame in enumerate(container.decode(stream)):
+        if result is None:
+            result = _decode(path, fps, size, threads, None)
+    except VideoError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
+        raise VideoError(f"cannot decode ({type(e).__name__}: {e})") from None
+    frames, decoded, declared = result
+    if not frames:
+        raise VideoError("no frame decoded")
+    if declared is not None and decoded < declared - max(2.0, 0.1 * declared):
+        raise VideoError(f"truncated: decoded {decoded:.1f} s of the {declared:.1f} s its container declares")
+    return np.stack(frames)
+
+
+def _decode(path, fps, size, threads, plan):
+    """Decode and keep frames as decode_frames says. plan: None to decode
+    every packet, else _plan_kept_pictures' plan, whose skippable packets are
+    not decoded. Returns (frames, seconds decoded, seconds declared), or None
+    if the frames kept are not the ones the plan predicted."""
+    frames, kept, last_bucket, first_time, last_time = [], [], -1, None, None
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise VideoError("no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.thread_count = threads
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        index = -1
+        for packet in container.demux(stream):
+            if plan is not None and packet.pts in plan.skippable:
+                continue
+            for frame in packet.decode():
+                index += 1
+                if plan is not None and frame.pts not in plan.all_pts:
+                    return None
                 time_s = frame.time if frame.time is not None else index / rate
                 if first_time is None:
                     first_time = time_s
@@ -129,18 +168,90 @@ def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1):
                 if bucket <= last_bucket:
                     continue  # fps above the video's rate simply keeps every frame
                 last_bucket = bucket
+                kept.append(frame.pts)
                 frames.append(_resize_and_crop(frame, size))
-            declared = _declared_duration(container, stream)
-    except VideoError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
-        raise VideoError(f"cannot decode ({type(e).__name__}: {e})") from None
-    if not frames:
-        raise VideoError("no frame decoded")
-    decoded = last_time - first_time + 1.0 / rate
-    if declared is not None and decoded < declared - max(2.0, 0.1 * declared):
-        raise VideoError(f"truncated: decoded {decoded:.1f} s of the {declared:.1f} s its container declares")
-    return np.stack(frames)
+        declared = _declared_duration(container, stream)
+    if plan is not None:
+        if kept != plan.kept:
+            return None
+        last_time = plan.last_time  # the last frame may have been skipped
+    decoded = 0.0 if first_time is None else last_time - first_time + 1.0 / rate
+    return frames, decoded, declared
+
+
+class _Plan:
+    """Which packets of a stream decode_frames may leave undecoded."""
+
+    def __init__(self, all_pts, kept, skippable, last_time):
+        self.all_pts, self.kept, self.skippable, self.last_time = all_pts, kept, skippable, last_time
+
+
+def _plan_kept_pictures(path, fps):
+    """Read the packets (no decoding) and predict the pts of the frames
+    decode_frames keeps. Returns a _Plan whose `skippable` pts are the
+    pictures that are neither kept nor referenced, or None when there is
+    nothing to skip or the stream is not one this can predict (not H.264,
+    packets without timestamps, repeated timestamps)."""
+    with av.open(path) as container:
+        if not container.streams.video:
+            return None
+        stream = container.streams.video[0]
+        is_unreferenced = _unreferenced_picture_test(stream.codec_context)
+        time_base = stream.time_base  # read while the container is open
+        if is_unreferenced is None or time_base is None:
+            return None
+        shown, unreferenced = [], set()  # pts of the pictures the decoder outputs; of those nothing references
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue  # the flush packet at the end
+            if packet.pts is None:
+                return None
+            if not packet.is_discard:
+                shown.append(packet.pts)
+            if is_unreferenced(bytes(packet)):
+                unreferenced.add(packet.pts)
+    if len(set(shown)) != len(shown) or not shown:
+        return None
+    shown.sort()
+    times = [float(pts * time_base) for pts in shown]
+    kept, last_bucket = [], -1
+    for pts, time_s in zip(shown, times):
+        bucket = math.floor((time_s - times[0]) * fps + 1e-6)
+        if bucket > last_bucket:
+            last_bucket = bucket
+            kept.append(pts)
+    skippable = unreferenced - set(kept)
+    if not skippable:
+        return None
+    return _Plan(set(shown), kept, skippable, times[-1])
+
+
+def _unreferenced_picture_test(codec_context):
+    """For an H.264 stream, a function telling from a packet's bytes whether it
+    holds one picture that no other picture references (every slice NAL unit
+    has nal_ref_idc 0); None for other codecs."""
+    if codec_context.name != "h264":
+        return None
+    extradata = bytes(codec_context.extradata or b"")
+    if extradata[:1] == b"\x01" and len(extradata) >= 5:  # avcC: NAL units prefixed by their length
+        length_size = (extradata[4] & 3) + 1
+
+        def headers(data):
+            i = 0
+            while i + length_size < len(data):
+                yield data[i + length_size]
+                i += length_size + int.from_bytes(data[i:i + length_size], "big")
+    else:  # Annex B: NAL units after 00 00 01 start codes
+        def headers(data):
+            i = data.find(b"\x00\x00\x01")
+            while 0 <= i < len(data) - 3:
+                yield data[i + 3]
+                i = data.find(b"\x00\x00\x01", i + 3)
+
+    def is_unreferenced(data):
+        slices = [h for h in headers(data) if h & 0x1F in (1, 5)]  # coded slice (non-IDR, IDR)
+        return bool(slices) and all(h & 0x60 == 0 for h in slices)
+    return is_unreferenced
 
 
 def _resize_and_crop(frame, size):
