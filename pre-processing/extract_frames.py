@@ -200,7 +200,8 @@ def _plan_kept_pictures(path, fps):
         time_base = stream.time_base  # read while the container is open
         if is_unreferenced is None or time_base is None:
             return None
-        shown, unreferenced = [], set()  # pts of the pictures the decoder outputs; of those nothing references
+        # pts of the pictures the decoder outputs; of the pictures nothing references; of the others
+        shown, unreferenced, referenced = [], set(), set()
         for packet in container.demux(stream):
             if packet.size == 0:
                 continue  # the flush packet at the end
@@ -208,8 +209,7 @@ def _plan_kept_pictures(path, fps):
                 return None
             if not packet.is_discard:
                 shown.append(packet.pts)
-            if is_unreferenced(bytes(packet)):
-                unreferenced.add(packet.pts)
+            (unreferenced if is_unreferenced(bytes(packet)) else referenced).add(packet.pts)
     if len(set(shown)) != len(shown) or not shown:
         return None
     shown.sort()
@@ -220,7 +220,7 @@ def _plan_kept_pictures(path, fps):
         if bucket > last_bucket:
             last_bucket = bucket
             kept.append(pts)
-    skippable = unreferenced - set(kept)
+    skippable = unreferenced - referenced - set(kept)  # a pts shared with a reference picture is never skipped
     if not skippable:
         return None
     return _Plan(set(shown), kept, skippable, times[-1])
