@@ -166,16 +166,22 @@ class TCA(nn.Module):
     def frame_features(self, x, num_frames):
         """Transformer outputs (N, T, C) of x (N, C, T), zero on padded frames,
         and the (N, T) mask of valid frames."""
-        _check_channels(x, self.feature_size)
-        frame_mask = _frame_mask(x, num_frames)  # (N, T)
-        tokens = self._transform(x.transpose(1, 2)[frame_mask], frame_mask)  # (M, C), M valid frames
+        tokens, frame_mask = self._valid_tokens(x, num_frames)
+        tokens = self._transform(tokens, frame_mask.sum(1))
         out = tokens.new_zeros(x.shape[0], x.shape[2], x.shape[1])  # (N, T, C)
         out[frame_mask] = tokens
         return out, frame_mask
 
-    def _transform(self, tokens, frame_mask):
+    def _valid_tokens(self, x, num_frames):
+        """The valid frames (M, C) of x (N, C, T), in (video, time) order, and
+        the (N, T) mask of valid frames."""
+        _check_channels(x, self.feature_size)
+        frame_mask = _frame_mask(x, num_frames)  # (N, T)
+        return x.transpose(1, 2)[frame_mask], frame_mask
+
+    def _transform(self, tokens, num_frames):
         """Transformer outputs (M, C) of the valid frames `tokens` (M, C), in
-        (video, time) order, of videos whose frames the (N, T) mask marks.
+        (video, time) order, of videos of num_frames (N,) frames.
 
         The layers' computation is spelled out here instead of calling
         self.transformer_encoder: the token-wise parts (projections,
@@ -183,8 +189,9 @@ class TCA(nn.Module):
         output never depends on PyTorch's inference fast path, which is
         slower on CPU and returns zeros at padded frames where the regular
         path returns garbage. Same parameters, same result."""
+        num_frames = num_frames.tolist()
         for layer in self.transformer_encoder.layers:
-            attended = _self_attention(layer.self_attn, tokens, frame_mask, self.training)
+            attended = _self_attention(layer.self_attn, tokens, num_frames, self.training)
             tokens = layer.norm1(tokens + layer.dropout1(attended))
             hidden = layer.dropout(layer.activation(layer.linear1(tokens)))
             tokens = layer.norm2(tokens + layer.dropout2(layer.linear2(hidden)))
@@ -202,12 +209,10 @@ class TCA(nn.Module):
             # the frames of a list go straight into the (M, C) tokens: no
             # padded copy to build and gather from
             tokens, count = _concat_videos(self, x)
-            frame_mask = make_frame_mask(count, max(1, int(count.max())) if len(count) else 1)
         else:
-            _check_channels(x, self.feature_size)
-            frame_mask = _frame_mask(x, num_frames)  # (N, T)
-            tokens, count = x.transpose(1, 2)[frame_mask], frame_mask.sum(1)
-        tokens = self._transform(tokens, frame_mask)
+            tokens, frame_mask = self._valid_tokens(x, num_frames)
+            count = frame_mask.sum(1)
+        tokens = self._transform(tokens, count)
         # mean of the valid frames' outputs straight from the (M, C) tokens (a
         # segment sum), without building the padded (N, T, C) output
         owner = torch.repeat_interleave(torch.arange(len(count), device=count.device), count)  # (M,)
@@ -224,10 +229,11 @@ class TCA(nn.Module):
         return l2_normalize(frames)  # zero frames stay zero
 
 
-def _self_attention(attn, tokens, frame_mask, training):
+def _self_attention(attn, tokens, num_frames, training):
     """nn.MultiheadAttention `attn` (its in_proj/out_proj weights and dropout)
-    applied to the valid frames tokens (M, C) of videos with mask (N, T), each
-    frame attending to the valid frames of its own video. Returns (M, C)."""
+    applied to the valid frames tokens (M, C) of videos of num_frames (a list
+    of N lengths), each frame attending to the frames of its own video.
+    Returns (M, C)."""
     C = tokens.shape[1]
     heads = attn.num_heads
     dropout = attn.dropout if training else 0.0
@@ -236,7 +242,7 @@ def _self_attention(attn, tokens, frame_mask, training):
     # them is one batched call on a view, with no padding. A padded (N, T, 3C)
     # copy would cost more memory traffic than the attention saves here.
     outs, start = [], 0
-    for length, run in itertools.groupby(frame_mask.sum(1).tolist()):
+    for length, run in itertools.groupby(num_frames):
         size = length * len(list(run))
         if length > 0:
             q, k, v = qkv[start:start + size].view(-1, length, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
