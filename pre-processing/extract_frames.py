@@ -14,6 +14,7 @@ nothing and a re-run skips the finished videos. Videos that cannot be decoded
 file and skipped.
 """
 import argparse
+import collections
 import glob
 import math
 import os
@@ -163,8 +164,7 @@ def _decode(path, fps, size, threads, plan):
                 if first_time is None:
                     first_time = time_s
                 last_time = time_s
-                # small epsilon: a frame stamped 0.9999999 s is the one meant for 1 s
-                bucket = math.floor((time_s - first_time) * fps + 1e-6)
+                bucket = _interval(time_s, first_time, fps)
                 if bucket <= last_bucket:
                     continue  # fps above the video's rate simply keeps every frame
                 last_bucket = bucket
@@ -179,11 +179,17 @@ def _decode(path, fps, size, threads, plan):
     return frames, decoded, declared
 
 
-class _Plan:
-    """Which packets of a stream decode_frames may leave undecoded."""
+def _interval(time_s, first_time, fps):
+    """Which 1/fps-second interval, counted from first_time, a frame stamped
+    time_s falls in; decode_frames keeps the first frame of each."""
+    # small epsilon: a frame stamped 0.9999999 s is the one meant for 1 s
+    return math.floor((time_s - first_time) * fps + 1e-6)
 
-    def __init__(self, all_pts, kept, skippable, last_time):
-        self.all_pts, self.kept, self.skippable, self.last_time = all_pts, kept, skippable, last_time
+
+# Which packets of a stream decode_frames may leave undecoded: the pts of every
+# picture shown, of those kept (in order), of those skippable, and the last
+# shown picture's time in seconds.
+_Plan = collections.namedtuple("_Plan", "all_pts kept skippable last_time")
 
 
 def _plan_kept_pictures(path, fps):
@@ -216,7 +222,7 @@ def _plan_kept_pictures(path, fps):
     times = [float(pts * time_base) for pts in shown]
     kept, last_bucket = [], -1
     for pts, time_s in zip(shown, times):
-        bucket = math.floor((time_s - times[0]) * fps + 1e-6)
+        bucket = _interval(time_s, times[0], fps)
         if bucket > last_bucket:
             last_bucket = bucket
             kept.append(pts)
