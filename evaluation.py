@@ -35,14 +35,17 @@ import time
 
 import h5py
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from data import DATASETS, load_benchmark
+from model import chamfer_similarity, cosine_similarity, symmetric_chamfer_similarity
 from train import AGGREGATORS, build_encoder
 from utils import UserError, atomic_path, l2_normalize, load_state_dict, open_features, pad_sequences, run_main
 
-# torch, model.py, train.py and pandas are imported in the functions that use
-# them, to keep the start-up of a --similarities run short.
+# pandas is imported in the function that uses it. torch is imported here:
+# utils.py, data.py and train.py (for the aggregator list) import it anyway,
+# which is most of a --similarities run's ~2 s start-up (bench/NOTES.md).
 
 # A batch's longest chunk is at most this many times its shortest (plus a few
 # frames, so short videos do not end up one length per batch): attention runs
@@ -260,8 +263,6 @@ def encode_videos(model, features, keys, lengths, args, desc):
     Representations: (n, C) video embeddings for cosine, or padded frame
     embeddings (n, T, C) and their num_frames (n,) for the chamfer metrics.
     """
-    import torch
-
     # sort by chunk length (= video length up to --padding_size): the chunks of
     # a batch then differ by a few frames; about 0.1% padding at FIVR-200K scale
     pieces = -(-lengths // args.padding_size) if args.padding_size > 0 else np.ones_like(lengths)
@@ -325,8 +326,6 @@ def model_similarities(args, benchmark):
     """Encode the benchmark's queries and database with the model (or the
     baseline) and score them with --metric. Returns (query ids, database ids,
     (Q, D) similarities, timing/storage stats)."""
-    import torch
-    from model import chamfer_similarity, cosine_similarity, symmetric_chamfer_similarity
 
     model = None if args.baseline else build_model(args)
     similarity = {"cosine": cosine_similarity, "chamfer": chamfer_similarity,
@@ -413,7 +412,6 @@ def main():
     if args.similarities:
         query_ids, database_ids, similarities = load_similarities(args.similarities)
     else:
-        import torch
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             device = torch.device(args.device)
