@@ -41,7 +41,7 @@ def get_args_parser():
     parser.add_argument("--fps", type=float, default=4.0, help="frames per second sampled for features (the paper: 1)")
     parser.add_argument("--components", type=int, default=256, help="PCA-whitened feature size (the paper: 1024)")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs")
-    parser.add_argument("--np", type=int, default=2, help="Horovod workers (1: plain single-process training)")
+    parser.add_argument("--np", type=int, default=2, help="Horovod workers: 1 (plain single-process training), 2 or 4 (they share the global batch of 4 pairs)")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                         help="extract features under bfloat16 autocast (3x faster on CPUs with AMX or AVX512-BF16, "
                              "slower on others); auto: on when /proc/cpuinfo lists amx_bf16 or avx512_bf16. "
@@ -107,6 +107,8 @@ def step(name, cmd, output):
 
 def main():
     args = get_args_parser().parse_args()
+    if args.np < 1 or GLOBAL_BATCH % args.np:
+        raise UserError(f"--np {args.np} must divide the global batch of {GLOBAL_BATCH} pairs")
     py = sys.executable
     out = os.path.abspath(args.out)
     bench = os.path.join(out, "benchmark")
@@ -158,8 +160,6 @@ def main():
     # the same global batch and learning rate whatever --np: train.py multiplies
     # the learning rate by the number of workers (as upstream), each worker
     # takes --batch_sz pairs
-    if GLOBAL_BATCH % args.np:
-        raise UserError(f"--np {args.np} must divide the global batch of {GLOBAL_BATCH} pairs")
     per_worker_batch = GLOBAL_BATCH // args.np
     train = [py, "train.py", "--annotation_path", os.path.join(bench, "vcdb.pickle"),
              "--feature_path", os.path.join(feats, "train_pca.h5"), "--model_path", model_dir,
