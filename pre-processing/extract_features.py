@@ -9,7 +9,9 @@ With --video_list the videos are decoded by parallel worker processes
 (extract_frames.decode_frames: 1 fps, shorter side 256, centre crop 256) and
 the frames stream straight into the CNN, batched across videos; nothing but
 the features is stored. With --frames_dir the .npy files written by
-extract_frames.py are read instead.
+extract_frames.py are read instead. On a CPU the workers decode only while
+the CNN waits for frames (--schedule), and the CNN runs small batches
+(--batch_size): both measured faster there (BENCHMARKS.md).
 
 Killing the run loses at most --checkpoint_every seconds of work; a re-run
 skips the videos already extracted. Videos that cannot be decoded are
@@ -17,6 +19,7 @@ reported, listed in a failures file and skipped.
 """
 import argparse
 import glob
+import multiprocessing
 import os
 import sys
 import time
@@ -38,6 +41,11 @@ from h5_writer import ResumableH5Writer  # noqa: E402
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYERS = ("layer1", "layer2", "layer3", "layer4")  # 256 + 512 + 1024 + 2048 = 3840 channels
+# Default frames per forward. On CPUs small batches run faster per frame (2
+# cores: batch 8 ~1.5x batch 32 in fp32, the activations stay in cache);
+# GPUs want large ones.
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 64
+SCHEDULES = ("auto", "alternate", "overlap")
 
 
 # --------------------------------------------------------------------------
@@ -150,10 +158,11 @@ def extract_batch(model, frames, device="cpu", channels_last=False, bf16=False):
 class VideoFrames(torch.utils.data.Dataset):
     """Item i: (video_id, path, uint8 frames (T, 256, 256, 3) or None, error
     or None). Decodes videos (fps given) or loads extract_frames.py's .npy
-    files (fps None); a broken file gives its error instead of raising."""
+    files (fps None); a broken file gives its error instead of raising.
+    gate: None, or a DecodingGate that decoding waits on between packets."""
 
-    def __init__(self, videos, fps=None):
-        self.videos, self.fps = videos, fps
+    def __init__(self, videos, fps=None, gate=None):
+        self.videos, self.fps, self.gate = videos, fps, gate
 
     def __len__(self):
         return len(self.videos)
@@ -166,7 +175,7 @@ class VideoFrames(torch.utils.data.Dataset):
                 if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
                     raise VideoError(f"not a uint8 (T, H, W, 3) frame array: {frames.dtype} {frames.shape}")
             else:
-                frames = decode_frames(path, self.fps)
+                frames = decode_frames(path, self.fps, pause=None if self.gate is None else self.gate.wait)
         except VideoError as e:
             return video_id, path, None, str(e)
         except (OSError, ValueError, EOFError) as e:  # unreadable .npy
@@ -174,17 +183,69 @@ class VideoFrames(torch.utils.data.Dataset):
         return video_id, path, torch.from_numpy(frames), None
 
 
+class DecodingGate:
+    """Lets decoding worker processes run only while it is open. The main
+    process opens it while it waits for decoded videos and closes it while
+    the CNN runs, so decoding and the CNN take turns on the cores instead of
+    competing for them."""
+
+    def __init__(self):
+        self._open = multiprocessing.Event()
+        self._owner = os.getpid()
+
+    def open(self):
+        self._open.set()
+
+    def close(self):
+        self._open.clear()
+
+    def wait(self):
+        """Block (in a worker) until the gate is open; exit if the process
+        that owns the gate has died."""
+        while not self._open.wait(timeout=1.0):
+            if os.getppid() != self._owner:
+                raise SystemExit(f"extract_features: main process {self._owner} is gone")
+
+
 def _unbatched(item):
     return item
 
 
-def iterate_videos(videos, fps=None, workers=2):
+def iterate_videos(videos, fps=None, workers=2, alternate=False):
     """Decode (or load) `videos` [(id, path)] in `workers` background
-    processes, yielding VideoFrames items in order while the main process
-    runs the CNN."""
-    return torch.utils.data.DataLoader(VideoFrames(videos, fps), batch_size=None, shuffle=False,
-                                       num_workers=workers, collate_fn=_unbatched,
-                                       prefetch_factor=2 if workers > 0 else None)
+    processes, yielding VideoFrames items in order. alternate=False: the
+    workers decode ahead while the main process runs the CNN (for a GPU, or
+    spare cores). alternate=True: they decode only while the main process
+    waits for the next video (the CNN's threads have every core)."""
+    gate = DecodingGate() if alternate and workers > 0 else None
+    loader = torch.utils.data.DataLoader(VideoFrames(videos, fps, gate), batch_size=None, shuffle=False,
+                                         num_workers=workers, collate_fn=_unbatched,
+                                         prefetch_factor=2 if workers > 0 else None)
+    return loader if gate is None else _taking_turns(loader, gate)
+
+
+def decodes_in_turns(schedule, device):
+    """Whether --schedule makes decoding and the CNN take turns: 'auto' does
+    on a CPU, whose cores the CNN's threads all use, and overlaps them on a
+    GPU."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return schedule == "alternate" or (schedule == "auto" and torch.device(device).type == "cpu")
+
+
+def _taking_turns(loader, gate):
+    items = iter(loader)
+    try:
+        while True:
+            gate.open()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            gate.close()
+            yield item
+    finally:
+        gate.open()  # paused workers finish their video, so the loader can shut down
 
 
 class _PendingVideo:
@@ -251,9 +312,17 @@ def get_args_parser():
                                            "instead of downloading the ImageNet weights")
     weights.add_argument("--random-weights", action="store_true",
                          help="randomly initialised ResNet-50 (seed 0), for offline tests only")
-    parser.add_argument("--batch_size", type=int, default=64, help="frames per CNN forward, across videos")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="frames per CNN forward, across videos; None: 8 on a CPU (faster there than "
+                             "bigger batches), 64 on a GPU")
     parser.add_argument("--workers", type=int, default=2,
-                        help="decoding worker processes (0: decode in the main process)")
+                        help="decoding worker processes (0: decode in the main process); with the alternate "
+                             "schedule, the cores they use while the CNN waits")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="auto",
+                        help="alternate: the workers decode only while the CNN waits for frames, so they do not "
+                             "compete with its threads for the cores; overlap: they decode ahead while the CNN "
+                             "runs (for a GPU, or cores the CNN does not use); auto: alternate on a CPU, "
+                             "overlap on a GPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device for the CNN")
     parser.add_argument("--channels-last", action="store_true",
@@ -279,6 +348,12 @@ def list_frame_files(frames_dir):
 
 def main():
     args = get_args_parser().parse_args()
+    try:
+        device_type = torch.device(args.device).type
+    except RuntimeError as e:
+        raise UserError(f"--device {args.device}: {e}") from None
+    if args.batch_size is None:
+        args.batch_size = CPU_BATCH_SIZE if device_type == "cpu" else GPU_BATCH_SIZE
     if args.fps <= 0 or args.batch_size <= 0 or args.workers < 0:
         raise UserError("--fps and --batch_size must be positive, --workers non-negative")
     if args.video_list is not None:
@@ -293,7 +368,7 @@ def main():
     model = build_extractor(args.feature, args.weights, args.random_weights, args.device, args.channels_last)
 
     start, num_frames, failures = time.time(), 0, []
-    items = iterate_videos(todo, fps, args.workers)
+    items = iterate_videos(todo, fps, args.workers, decodes_in_turns(args.schedule, device_type))
     with writer, tqdm(total=len(todo), unit="video") as bar:
         for video_id, path, features, error in extract_videos(model, items, args.batch_size, args.device,
                                                               args.channels_last, args.bf16):
