@@ -333,7 +333,7 @@ def get_args_parser():
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (0: all in the main process); None: with lanes one per core "
                              "(each holds its video's frames, ~0.2 MB a frame, and a batch's activations, "
-                             "~0.3 GB), with overlap 2")
+                             "~0.2 GB at batch 8), with overlap 2")
     parser.add_argument("--schedule", choices=SCHEDULES, default="auto",
                         help="lanes (CPU only): each worker decodes a video and runs the CNN on it with one "
                              "thread, so every core alternates between the two; overlap: the workers only decode, "

@@ -13,6 +13,13 @@ from utils import UserError
 from conftest import ANNOTATION_DIR as SHARED  # noqa: E402
 
 
+def test_available_cores_follows_the_affinity_mask():
+    cores = utils.available_cores()
+    assert 1 <= cores <= os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        assert cores == len(os.sched_getaffinity(0))
+
+
 def test_l2_normalize_torch_and_numpy():
     x = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
     np.testing.assert_allclose(utils.l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]])
