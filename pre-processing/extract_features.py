@@ -40,8 +40,8 @@ from h5_writer import ResumableH5Writer  # noqa: E402
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYERS = ("layer1", "layer2", "layer3", "layer4")  # 256 + 512 + 1024 + 2048 = 3840 channels
-# Default frames per forward. On CPUs small batches run faster per frame (2
-# cores: batch 8 ~1.5x batch 32 in fp32, the activations stay in cache);
+# Default frames per forward. On CPUs small batches run faster per frame
+# (measured on 2 cores: batch 8 1.3-1.6x batch 32, depending on the mode);
 # GPUs want large ones.
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 64
 SCHEDULES = ("auto", "lanes", "overlap")
@@ -227,8 +227,7 @@ def extract_in_lanes(model, videos, fps=None, lanes=2, batch_size=CPU_BATCH_SIZE
     core is best), each of which decodes a video, runs the CNN on it, then
     takes the next one. Each core thus alternates between decoding and the
     CNN, and no CNN thread waits at a barrier for a core a decoder holds (what
-    slows iterate_videos + extract_videos down on a CPU); single-threaded
-    convolutions on small batches also run faster per core. Yields (video_id,
+    slows iterate_videos + extract_videos down on a CPU). Yields (video_id,
     path, features (T, D) or None, error or None) in the order of `videos`.
     lanes 0: everything in this process, with its threads."""
     return torch.utils.data.DataLoader(
