@@ -35,15 +35,15 @@ def run_main(main):
         sys.exit(130)
 
 
-# --------------------------------------------------------------------------
-# normalisation, padding, masks
-
 def available_cores():
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
 
+
+# --------------------------------------------------------------------------
+# normalisation, padding, masks
 
 def l2_normalize(x, dim=-1, eps=1e-12):
     """L2-normalise along `dim`; accepts a torch tensor or a numpy array and

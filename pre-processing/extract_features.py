@@ -7,11 +7,13 @@ the outputs of layer1..layer4, as TCA's pre-processing does.
 
 With --video_list the videos are decoded by parallel worker processes
 (extract_frames.decode_frames: 1 fps, shorter side 256, centre crop 256) and
-the frames stream straight into the CNN, batched across videos; nothing but
-the features is stored. With --frames_dir the .npy files written by
-extract_frames.py are read instead. On a CPU each worker process runs the
-CNN itself on the videos it decodes (--schedule lanes), in small batches
-(--batch_size): both measured faster there (BENCHMARKS.md).
+the frames stream straight into the CNN; nothing but the features is stored.
+With --frames_dir the .npy files written by extract_frames.py are read
+instead. On a CPU each worker process (one per core) runs the CNN itself, one
+thread, on the videos it decodes, in batches of 8 (--schedule lanes); on a
+GPU the main process runs it on batches of 64 frames across videos while the
+workers decode ahead (--schedule overlap). Both measured faster on their
+device (BENCHMARKS.md).
 
 Killing the run loses at most --checkpoint_every seconds of work; a re-run
 skips the videos already extracted. Videos that cannot be decoded are
