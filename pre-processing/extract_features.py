@@ -12,8 +12,8 @@ With --frames_dir the .npy files written by extract_frames.py are read
 instead. On a CPU each worker process (one per core) runs the CNN itself, one
 thread, on the videos it decodes, in batches of 8 (--schedule lanes); on a
 GPU the main process runs it on batches of 64 frames across videos while the
-workers decode ahead (--schedule overlap). Both measured faster on their
-device (BENCHMARKS.md).
+workers decode ahead (--schedule overlap). On a CPU the lanes and the
+small batches measured faster (BENCHMARKS.md); no GPU was measured.
 
 Killing the run loses at most --checkpoint_every seconds of work; a re-run
 skips the videos already extracted. Videos that cannot be decoded are
