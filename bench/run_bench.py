@@ -58,7 +58,7 @@ from utils import UserError, l2_normalize, run_main  # noqa: E402
 
 SECTIONS = ("peak", "tca", "chamfer", "retrieval", "map", "train", "extraction")
 
-# Problem sizes. `full` is what `make bench` runs (about 10 minutes on 2 cores);
+# Problem sizes. `full` is what `make bench` runs (about 5 minutes on 2 quiet cores, 3.5 of them extraction);
 # `quick` only checks that every section runs and reports.
 SIZES = {
     "full": dict(
