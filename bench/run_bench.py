@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.join(REPO, "pre-processing"))
 import evaluation  # noqa: E402
 from data import load_benchmark  # noqa: E402
 from model import TCA, chamfer_similarity, cosine_similarity, symmetric_chamfer_similarity  # noqa: E402
-from utils import UserError, l2_normalize, run_main  # noqa: E402
+from utils import UserError, available_cores, l2_normalize, run_main  # noqa: E402
 
 SECTIONS = ("peak", "tca", "chamfer", "retrieval", "map", "train", "extraction")
 
@@ -569,7 +569,7 @@ def bench_extraction(size, weights):
     videos = [(f"{name}_{i}", paths[name]) for name, count in size["videos"].items() for i in range(count)]
     batch = size["batch"] or ef.CPU_BATCH_SIZE
     yardstick = size["yardstick_batch"]
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     modes = [m for m in MODES if m[0] in size["modes"]]
     models = {}
     for name, channels_last, bf16 in modes:
@@ -943,7 +943,7 @@ def machine_info():
             commit += " with uncommitted changes to " + ", ".join(line.split(maxsplit=1)[1] for line in dirty.splitlines())
     except OSError:
         commit = "unknown"
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gb": memory_gb, "commit": commit,
+    return {"cpu": cpu, "cores": available_cores(), "memory_gb": memory_gb, "commit": commit,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
             "python": platform.python_version()}
 
