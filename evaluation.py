@@ -196,7 +196,6 @@ def save_similarities(path, queries, database, similarities):
 
 def build_model(args):
     """The model of --model_path (eval mode), or None for --baseline."""
-
     # architecture: flags given > train.py's args.json next to the checkpoint > upstream defaults
     defaults = {"aggregator": "tca", "pca_components": 1024, "num_layers": 1, "num_clusters": 256,
                 "output_dim": 1024, "normalize_input": False}
@@ -326,7 +325,6 @@ def model_similarities(args, benchmark):
     """Encode the benchmark's queries and database with the model (or the
     baseline) and score them with --metric. Returns (query ids, database ids,
     (Q, D) similarities, timing/storage stats)."""
-
     model = None if args.baseline else build_model(args)
     similarity = {"cosine": cosine_similarity, "chamfer": chamfer_similarity,
                   "symmetric_chamfer": symmetric_chamfer_similarity}[args.metric]
