@@ -29,29 +29,24 @@ vcdb.pickle); a custom benchmark in the same format (e.g. a small fivr.pickle
 with a '5k' entry) is evaluated the same way.
 """
 import argparse
+import collections
+import functools
 import json
 import os
 import time
 
 import h5py
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from data import DATASETS, load_benchmark
-from model import chamfer_similarity, cosine_similarity, symmetric_chamfer_similarity
-from train import AGGREGATORS, build_encoder
-from utils import UserError, atomic_path, l2_normalize, load_state_dict, open_features, pad_sequences, run_main
+from utils import (FRAMES_PER_BATCH, UserError, atomic_path, balanced_owners, init_distributed, l2_normalize,
+                   length_buckets, load_checkpoint, local_device, open_features, pad_sequences, read_features,
+                   run_main)
 
-# pandas is imported in the function that uses it. torch is imported here:
-# utils.py, data.py and train.py (for the aggregator list) import it anyway,
-# which is most of a --similarities run's ~2 s start-up (bench/NOTES.md).
-
-# A batch's longest chunk is at most this many times its shortest (plus a few
-# frames, so short videos do not end up one length per batch): attention runs
-# on the padded (n, T, T) batch, and with a frame budget alone one batch of
-# 30-300 frame videos spans 30 to ~234 frames, twice the useful attention work.
-BATCH_LENGTH_SPREAD, BATCH_LENGTH_SLACK = 1.15, 8
+# torch, model and similarity are imported in model mode only: a similarity
+# file needs none of them, and `import torch` alone is most of that run's
+# start-up (bench/NOTES.md). pandas likewise, where a CSV is written.
 
 
 def get_args_parser():
@@ -69,13 +64,16 @@ def get_args_parser():
     parser.add_argument("-fp", "--feature_path", type=str, default=None,
                         help="HDF5 file of frame features, one (T, C) dataset per video id")
     parser.add_argument("-mp", "--model_path", type=str, default=None,
-                        help="Model state dict (train.py's model.pth); architecture flags not given on the "
-                             "command line are read from the args.json train.py writes next to it")
+                        help="Checkpoint: train.py's model.pth describes its own architecture (no architecture "
+                             "flag needed; one that contradicts it is an error); a bare state dict (upstream's, "
+                             "or an earlier model.pth) is built from the architecture flags, else from the "
+                             "args.json next to it, else upstream's defaults")
     parser.add_argument("--baseline", action="store_true",
                         help="No model: the video embedding is the L2-normalised mean of the frame features, "
                              "the frame embeddings are the L2-normalised frame features (the untrained baseline)")
-    parser.add_argument("--aggregator", type=str, default=None, choices=AGGREGATORS,
-                        help="Architecture of --model_path (default: from args.json, else tca)")
+    parser.add_argument("--aggregator", type=str, default=None,
+                        help="Architecture of a bare state dict: tca, tca_netvlad, netvlad, nextvlad, lstm or gru "
+                             "(model.AGGREGATORS; default: from args.json, else tca)")
     parser.add_argument("-pc", "--pca_components", type=int, default=None,
                         help="Feature size the model takes (default: from args.json, else 1024)")
     parser.add_argument("-nl", "--num_layers", type=int, default=None,
@@ -93,20 +91,23 @@ def get_args_parser():
                         help="Encode videos in consecutive chunks of at most this many frames (upstream crops "
                              "a random window of this size instead; its README evaluates with 300, the training "
                              "window); 0 encodes every video whole (default: %(default)s)")
-    parser.add_argument("-m", "--metric", type=str, default="cosine", choices=["cosine", "chamfer", "symmetric_chamfer"],
-                        help="Similarity: cosine of video embeddings, or (symmetric) chamfer of frame embeddings "
+    parser.add_argument("-m", "--metric", type=str, default="cosine",
+                        help="Similarity: cosine of video embeddings (TCA_c), chamfer (TCA_f) or symmetric_chamfer "
+                             "(TCA_sym) of frame embeddings; a comma-separated list or 'all' scores every one from "
+                             "a single read and encoding of each video, one table row per metric "
                              "(default: %(default)s)")
-    parser.add_argument("--frames_per_batch", type=int, default=16384,
+    parser.add_argument("--frames_per_batch", type=int, default=FRAMES_PER_BATCH,
                         help="Padded frames encoded per forward pass, bounds memory (default: %(default)s)")
     parser.add_argument("--device", type=str, default=None,
                         help="torch device for model mode (default: cuda if available, else cpu)")
     parser.add_argument("--save_similarities", type=str, default=None,
-                        help="Write the model's similarities to this .npz, .h5 or .json file")
+                        help="Write the model's similarities to this .npz, .h5 or .json file (several metrics: "
+                             "a.npz becomes a.cosine.npz, a.chamfer.npz, ...)")
     # outputs
     parser.add_argument("--json_out", type=str, default=None,
-                        help="Write the metrics to this JSON file")
+                        help="Write the metrics to this JSON file (several metrics: {metric: metrics})")
     parser.add_argument("--results_csv", type=str, default=None,
-                        help="Append one row (dataset, checkpoint, metric, scores, s/query) to this CSV file")
+                        help="Append one row per metric (dataset, checkpoint, metric, scores, s/query) to this CSV file")
     return parser
 
 
@@ -194,32 +195,80 @@ def save_similarities(path, queries, database, similarities):
 # --------------------------------------------------------------------------
 # model mode
 
-def build_model(args):
-    """The model of --model_path (eval mode), or None for --baseline."""
-    # architecture: flags given > train.py's args.json next to the checkpoint > upstream defaults
-    defaults = {"aggregator": "tca", "pca_components": 1024, "num_layers": 1, "num_clusters": 256,
-                "output_dim": 1024, "normalize_input": False}
-    args_json = os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "args.json")
-    if os.path.isfile(args_json):
-        try:
-            with open(args_json) as f:
-                saved = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{args_json}: cannot read ({e})") from None
-        defaults.update({k: saved[k] for k in defaults if k in saved})
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.dropout = 0.0  # eval mode: no dropout anyway
-    model = build_encoder(args)
-    state_dict = load_state_dict(args.model_path)
+# the similarity of each --metric and the paper's name for it
+METRICS = {"cosine": "TCA_c", "chamfer": "TCA_f", "symmetric_chamfer": "TCA_sym"}
+
+# the architecture flags, as build_model's arguments, and their values when
+# neither the checkpoint, the flags nor an args.json give one (upstream's)
+ARCHITECTURE_FLAGS = {"aggregator": "aggregator", "pca_components": "feature_size", "num_layers": "num_layers",
+                      "num_clusters": "num_clusters", "output_dim": "output_dim",
+                      "normalize_input": "normalize_input"}
+ARCHITECTURE_DEFAULTS = {"aggregator": "tca", "feature_size": 1024, "num_layers": 1, "num_clusters": 256,
+                         "output_dim": 1024, "normalize_input": False}
+
+# A batch's longest chunk is at most this many times its shortest (plus a few
+# frames, so short videos do not end up one length per batch): attention runs
+# on the padded (n, T, T) batch, and a frame budget alone puts 30 to ~234
+# frame chunks in one batch (bench/NOTES.md).
+BATCH_LENGTH_SPREAD, BATCH_LENGTH_SLACK = 1.15, 8
+
+EncodedBatch = collections.namedtuple("EncodedBatch", "indices embeddings frames num_frames")
+
+
+def parse_metrics(text):
+    """--metric: one name, a comma-separated list or 'all' -> list of names."""
+    metrics = list(METRICS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise UserError(f"--metric {text}: choose from {', '.join(METRICS)} (comma-separated) or all")
+    return list(dict.fromkeys(metrics))
+
+
+def load_model(model_path, flags, device):
+    """The model of a checkpoint, in eval mode. A self-describing checkpoint
+    (train.py's {"model", "model_args"}) rebuilds itself; a flag in `flags`
+    (architecture flag -> value, None = not given) that contradicts it is an
+    error naming both values. A bare state dict (upstream's, or an earlier
+    model.pth) takes its architecture from the flags, else from the args.json
+    train.py wrote next to it, else upstream's defaults."""
+    import model as models
+    state_dict, model_args = load_checkpoint(model_path)
+    given = {ARCHITECTURE_FLAGS[flag]: value for flag, value in flags.items() if value is not None}
+    if model_args is not None:
+        for name, value in given.items():
+            if name in model_args and model_args[name] != value:
+                flag = next(f for f, n in ARCHITECTURE_FLAGS.items() if n == name)
+                raise UserError(f"{model_path}: the checkpoint was trained with --{flag} {model_args[name]}, "
+                                f"not {value}")
+        architecture = dict(model_args)
+    else:
+        architecture = dict(ARCHITECTURE_DEFAULTS)
+        architecture.update(_args_json_architecture(model_path))
+        architecture.update(given)
+    architecture["dropout"] = 0.0  # eval mode: no dropout anyway
     try:
+        model = models.build_model(**architecture)
         model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0:2]
-        raise UserError(f"{args.model_path}: does not fit a {args.aggregator} model with these flags "
-                        f"({' '.join(first)})") from None
-    return model.to(args.device).eval()
+    except ValueError as e:  # an unknown aggregator or impossible sizes
+        raise UserError(f"{model_path}: {e}") from None
+    except (RuntimeError, TypeError) as e:
+        first = " ".join(str(e).strip().splitlines()[0:2])
+        raise UserError(f"{model_path}: does not fit a {architecture.get('aggregator')} model with these "
+                        f"flags ({first})") from None
+    return model.to(device).eval()
+
+
+def _args_json_architecture(model_path):
+    """The architecture recorded in the args.json next to a bare state dict."""
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "args.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    return {name: saved[flag] for flag, name in ARCHITECTURE_FLAGS.items() if flag in saved}
 
 
 def _chunk_bounds(num_frames, padding_size):
@@ -233,11 +282,12 @@ def _chunk_bounds(num_frames, padding_size):
     return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
-def find_features(features, benchmark, ids, what, args, model):
+def find_features(features, feature_path, benchmark, ids, what, channels=None):
     """The ids of `ids` that have features (of at least one frame), their keys
-    in the HDF5 file and their lengths; the others are reported and left out,
-    as upstream leaves them out of the available subset."""
-    channels = getattr(model, "feature_size", None)
+    in the HDF5 file and their lengths (int64 array); the others are reported
+    and left out, as upstream leaves them out of the available subset.
+    channels: the feature size the model takes (None: whatever the first
+    video has, the same for all)."""
     found, missing = [], []
     for v in tqdm(ids, desc=f"{what}: finding features", leave=False):
         key = next((k for k in benchmark.feature_keys(v) if k in features), None)
@@ -245,129 +295,164 @@ def find_features(features, benchmark, ids, what, args, model):
         if shape[0] == 0:
             missing.append(v)
             continue
-        channels = channels or shape[-1]
-        if len(shape) != 2 or shape[1] != channels:
-            raise UserError(f"{args.feature_path}: video {key} has features of shape {shape}, expected "
-                            f"(frames, {channels})" + (" (see --pca_components)" if model is not None else ""))
+        if len(shape) != 2 or shape[1] != (channels or shape[-1]):
+            raise UserError(f"{feature_path}: video {key} has features of shape {shape}, expected "
+                            f"(frames, {channels})" + (" (see --pca_components)" if channels else ""))
+        channels = channels or shape[1]
         found.append((v, key, shape[0]))
     if missing:
-        print(f"warning: {len(missing)} of {len(ids)} {what} have no features in {args.feature_path} "
+        print(f"warning: {len(missing)} of {len(ids)} {what} have no features in {feature_path} "
               f"(e.g. {missing[0]}); they are left out")
     return [f[0] for f in found], [f[1] for f in found], np.array([f[2] for f in found], dtype=np.int64)
 
 
-def encode_videos(model, features, keys, lengths, args, desc):
-    """Yield (indices into keys, representations) in batches of similar length.
-
-    Representations: (n, C) video embeddings for cosine, or padded frame
-    embeddings (n, T, C) and their num_frames (n,) for the chamfer metrics.
-    """
-    # sort by chunk length (= video length up to --padding_size): the chunks of
+def encode_videos(model, features, keys, lengths, *, video_level=True, frame_level=False, padding_size=300,
+                  frames_per_batch=FRAMES_PER_BATCH, device="cpu", desc="videos"):
+    """Read and encode the videos `keys` (of `lengths` frames) of an open
+    feature file, in batches of similar length; model None is the baseline
+    (mean frame / the frames themselves). Yields EncodedBatch(indices into
+    keys (n,), embeddings (n, C) L2-normalised video embeddings or None,
+    frames (n, T, C) padded frame embeddings or None, num_frames (n,) or
+    None) with what video_level and frame_level ask for."""
+    import torch
+    # sort by chunk length (= video length up to padding_size): the chunks of
     # a batch then differ by a few frames; about 0.1% padding at FIVR-200K scale
-    pieces = -(-lengths // args.padding_size) if args.padding_size > 0 else np.ones_like(lengths)
-    order = np.lexsort((lengths, -(-lengths // pieces)))
-    frame_level = args.metric != "cosine"
-    vlad_output = model is not None and hasattr(model, "residuals")  # NetVLAD/NeXtVLAD encode clusters, not frames
-    progress = tqdm(total=len(keys), desc=desc, unit="video")
-    start = 0
-    while start < len(order):
-        # grow the batch while its padded chunks fit in the frame budget
-        # (and while its longest chunk stays within the spread of its shortest)
-        stop, num_chunks, longest = start, 0, 0
-        shortest = min(b - a for a, b in _chunk_bounds(int(lengths[order[start]]), args.padding_size))
-        while stop < len(order):
-            bounds = _chunk_bounds(int(lengths[order[stop]]), args.padding_size)
-            chunk_len = max(b - a for a, b in bounds)
-            if stop > start and ((num_chunks + len(bounds)) * max(longest, chunk_len) > args.frames_per_batch
-                                 or chunk_len > BATCH_LENGTH_SPREAD * shortest + BATCH_LENGTH_SLACK):
-                break
-            num_chunks, longest, stop = num_chunks + len(bounds), max(longest, chunk_len), stop + 1
-        batch = order[start:stop]
-        videos = [torch.from_numpy(np.asarray(features[keys[i]][:], dtype=np.float32)) for i in batch]
-        chunks, owner = [], []  # owner: which video of the batch each chunk belongs to
-        for j, video in enumerate(videos):
-            for a, b in _chunk_bounds(len(video), args.padding_size):
-                chunks.append(video[a:b])
-                owner.append(j)
-        owner = torch.tensor(owner, device=args.device)
-        with torch.no_grad():
-            if model is not None and not frame_level:
-                # the aggregators take the list itself (TCA without a padded copy)
-                num_frames = torch.tensor([len(c) for c in chunks], device=args.device)
-                chunk_embeddings = model(chunks)  # (K, C')
-            else:
-                padded, num_frames = pad_sequences(chunks, device=args.device)  # (K, T, C), (K,)
-            if model is None:  # baseline: the features themselves
-                frames = l2_normalize(padded) if frame_level else padded
-                chunk_embeddings = padded.sum(1) / num_frames.unsqueeze(1)  # (K, C) mean frame
-            elif frame_level:
-                frames = model.encode(padded.transpose(1, 2), num_frames)  # (K, T, C') or (K, clusters, C')
-                if vlad_output:
-                    num_frames = torch.full_like(num_frames, frames.shape[1])
-            if frame_level:
-                per_video = [[] for _ in videos]
-                for k, j in enumerate(owner.tolist()):
-                    per_video[j].append(frames[k, :num_frames[k]])
-                frames, video_frames = pad_sequences([torch.cat(v) for v in per_video], device=args.device)
-                yield batch, (frames, video_frames)
-            else:
-                # length-weighted mean of the chunks, then L2-normalised (one chunk: unchanged)
-                weights = num_frames.unsqueeze(1).to(chunk_embeddings.dtype)
-                summed = torch.zeros(len(videos), chunk_embeddings.shape[1], device=args.device,
-                                     dtype=chunk_embeddings.dtype).index_add_(0, owner, chunk_embeddings * weights)
-                yield batch, l2_normalize(summed)
-        progress.update(len(batch))
-        start = stop
-    progress.close()
-
-
-def model_similarities(args, benchmark):
-    """Encode the benchmark's queries and database with the model (or the
-    baseline) and score them with --metric. Returns (query ids, database ids,
-    (Q, D) similarities, timing/storage stats)."""
-    model = None if args.baseline else build_model(args)
-    similarity = {"cosine": cosine_similarity, "chamfer": chamfer_similarity,
-                  "symmetric_chamfer": symmetric_chamfer_similarity}[args.metric]
-    features = open_features(args.feature_path)
-    with features:
-        query_ids, query_keys, query_lengths = find_features(features, benchmark, benchmark.queries,
-                                                             "queries", args, model)
-        database_ids, database_keys, database_lengths = find_features(features, benchmark, benchmark.database,
-                                                                      "database videos", args, model)
-        if not query_ids or not database_ids:
-            raise UserError(f"{args.feature_path}: no features for the {benchmark.name} "
-                            f"{'queries' if not query_ids else 'database'} (are these the right features?)")
-
-        t0 = time.perf_counter()
-        encoded = [None] * len(query_ids)
-        for idx, rep in encode_videos(model, features, query_keys, query_lengths, args, "queries"):
-            for n, i in enumerate(idx):
-                encoded[i] = rep[n] if args.metric == "cosine" else rep[0][n, :rep[1][n]]
-        if args.metric == "cosine":
-            queries = torch.stack(encoded)  # (Q, C)
-        else:
-            queries = pad_sequences(encoded, device=args.device)  # (Q, T, C), (Q,)
-        query_seconds = time.perf_counter() - t0
-
-        similarities = np.full((len(query_ids), len(database_ids)), np.nan, dtype=np.float32)
-        similarity_seconds, stored_values = 0.0, 0
-        t0 = time.perf_counter()
-        for idx, rep in encode_videos(model, features, database_keys, database_lengths, args, "database"):
-            t1 = time.perf_counter()
+    pieces = -(-lengths // padding_size) if padding_size > 0 else np.ones_like(lengths)
+    chunk_lengths = -(-lengths // pieces)
+    order = np.lexsort((lengths, chunk_lengths))
+    encodes_frames = getattr(model, "encodes_frames", True)
+    with tqdm(total=len(keys), desc=desc, unit="video") as progress:
+        for start, stop in length_buckets(chunk_lengths[order].tolist(), frames_per_batch, BATCH_LENGTH_SPREAD,
+                                          BATCH_LENGTH_SLACK, pieces[order].tolist()):
+            batch = order[start:stop]
+            chunks, owner = [], []  # owner: which video of the batch each chunk belongs to
+            for j, i in enumerate(batch):
+                video = torch.from_numpy(read_features(features, keys[i]))
+                for a, b in _chunk_bounds(len(video), padding_size):
+                    chunks.append(video[a:b])
+                    owner.append(j)
+            owner = torch.tensor(owner, device=device)
+            embeddings = frames = video_frames = None
             with torch.no_grad():
-                if args.metric == "cosine":
-                    sims = similarity(queries, rep)
-                    stored_values += rep.numel()
-                else:
-                    sims = similarity(queries[0], queries[1], rep[0], rep[1])
-                    stored_values += int(rep[1].sum()) * rep[0].shape[2]
-            similarities[:, idx] = sims.cpu().numpy()
-            similarity_seconds += time.perf_counter() - t1
-        database_seconds = time.perf_counter() - t0 - similarity_seconds
+                chunk_frames = torch.tensor([len(c) for c in chunks], device=device)
+                if model is None or frame_level:
+                    padded, chunk_frames = pad_sequences(chunks, device=device)  # (K, T, C), (K,)
+                if video_level:
+                    if model is None:  # baseline: the mean frame
+                        chunk_embeddings = padded.sum(1) / chunk_frames.unsqueeze(1)  # (K, C)
+                    else:  # the aggregators take the list itself (TCA without a padded copy)
+                        chunk_embeddings = model(chunks)  # (K, C')
+                    # length-weighted mean of the chunks, then L2-normalised (one chunk: unchanged)
+                    weights = chunk_frames.unsqueeze(1).to(chunk_embeddings.dtype)
+                    summed = chunk_embeddings.new_zeros(len(batch), chunk_embeddings.shape[1])
+                    embeddings = l2_normalize(summed.index_add_(0, owner, chunk_embeddings * weights))
+                if frame_level:
+                    if model is None:
+                        encoded = l2_normalize(padded)
+                    else:
+                        encoded = model.encode(padded.transpose(1, 2), chunk_frames)  # (K, T, C') or (K, clusters, C')
+                        if not encodes_frames:
+                            chunk_frames = torch.full_like(chunk_frames, encoded.shape[1])
+                    per_video = [[] for _ in batch]
+                    for k, j in enumerate(owner.tolist()):
+                        per_video[j].append(encoded[k, :chunk_frames[k]])
+                    frames, video_frames = pad_sequences([torch.cat(v) for v in per_video], device=device)
+            yield EncodedBatch(batch, embeddings, frames, video_frames)
+            progress.update(len(batch))
+
+
+def database_shard(lengths, rank, size):
+    """The positions of the database videos that rank `rank` of `size` reads
+    and scores: videos go, longest first, to the rank with the fewest frames
+    so far, so the ranks finish together. Deterministic."""
+    if size == 1:
+        return np.arange(len(lengths))
+    return np.flatnonzero(balanced_owners(lengths, size) == rank)
+
+
+def model_similarities(model, features, feature_path, benchmark, metrics, padding_size=300,
+                       frames_per_batch=FRAMES_PER_BATCH, device="cpu", dist=None):
+    """Encode the benchmark's queries and database with `model` (None: the
+    baseline) and score them with every metric of `metrics`, reading and
+    encoding each video once. Under Horovod (dist.size > 1) each rank reads
+    and scores its share of the database and every rank gets the gathered
+    result. Returns (query ids, database ids, {metric: (Q, D) float32
+    array}, timing/storage stats)."""
+    import torch
+    from similarity import chamfer_similarities, chamfer_similarity, cosine_similarity
+    rank, size = (dist.rank, dist.size) if dist is not None else (0, 1)
+    channels = getattr(model, "feature_size", None)
+    query_ids, query_keys, query_lengths = find_features(features, feature_path, benchmark, benchmark.queries,
+                                                         "queries", channels)
+    database_ids, database_keys, database_lengths = find_features(features, feature_path, benchmark,
+                                                                  benchmark.database, "database videos", channels)
+    if not query_ids or not database_ids:
+        raise UserError(f"{feature_path}: no features for the {benchmark.name} "
+                        f"{'queries' if not query_ids else 'database'} (are these the right features?)")
+    video_level = "cosine" in metrics
+    frame_level = "chamfer" in metrics or "symmetric_chamfer" in metrics
+    encode = functools.partial(encode_videos, model, features, video_level=video_level, frame_level=frame_level,
+                               padding_size=padding_size, frames_per_batch=frames_per_batch, device=device)
+
+    t0 = time.perf_counter()
+    query_embeddings, query_frames = [None] * len(query_ids), [None] * len(query_ids)
+    for batch in encode(query_keys, query_lengths, desc="queries"):
+        for n, i in enumerate(batch.indices):
+            if video_level:
+                query_embeddings[i] = batch.embeddings[n]
+            if frame_level:
+                query_frames[i] = batch.frames[n, :batch.num_frames[n]]
+    query_embeddings = torch.stack(query_embeddings) if video_level else None  # (Q, C)
+    query_frames = pad_sequences(query_frames, device=device) if frame_level else None  # (Q, T, C), (Q,)
+    query_seconds = time.perf_counter() - t0
+
+    shard = database_shard(database_lengths, rank, size)
+    columns = {m: np.full((len(shard), len(query_ids)), np.nan, dtype=np.float32) for m in metrics}  # (D_r, Q)
+    similarity_seconds, stored = 0.0, np.zeros(2, dtype=np.int64)  # values kept: video embeddings, frames
+    t0 = time.perf_counter()
+    for batch in encode([database_keys[i] for i in shard], database_lengths[shard],
+                        desc="database" if size == 1 else f"database (rank {rank})"):
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            scores = {}
+            if video_level:
+                scores["cosine"] = cosine_similarity(query_embeddings, batch.embeddings)
+                stored[0] += batch.embeddings.numel()
+            if "symmetric_chamfer" in metrics:
+                scores["chamfer"], scores["symmetric_chamfer"] = chamfer_similarities(*query_frames, batch.frames,
+                                                                                     batch.num_frames)
+            elif "chamfer" in metrics:
+                scores["chamfer"] = chamfer_similarity(*query_frames, batch.frames, batch.num_frames)
+            if frame_level:
+                stored[1] += int(batch.num_frames.sum()) * batch.frames.shape[2]
+        for m in metrics:
+            columns[m][batch.indices] = scores[m].t().cpu().numpy()
+        similarity_seconds += time.perf_counter() - t1
+    database_seconds = time.perf_counter() - t0 - similarity_seconds
+
+    if size > 1:
+        stored = dist.hvd.allreduce(torch.from_numpy(stored), op=dist.hvd.Sum, name="stored").numpy()
+        shard, columns = gather_rows(dist, shard, columns)
+    similarities = {}
+    for m in metrics:
+        full = np.empty((len(query_ids), len(database_ids)), dtype=np.float32)
+        full[:, shard] = columns[m].T
+        similarities[m] = full
     stats = {"s_per_query": (query_seconds + similarity_seconds) / len(query_ids),
-             "database_s_per_video": database_seconds / len(database_ids),
-             "storage_kb_per_video": stored_values * 4 / 1024 / len(database_ids)}  # float32
+             "database_s_per_video": database_seconds * size / len(database_ids),  # this rank's share
+             "storage_kb_per_video": {m: stored[0 if m == "cosine" else 1] * 4 / 1024 / len(database_ids)
+                                      for m in metrics}}  # float32
     return query_ids, database_ids, similarities, stats
+
+
+def gather_rows(dist, positions, rows):
+    """Every rank's (positions (n_r,), {name: (n_r, Q) rows}) concatenated in
+    rank order, on every rank (Horovod allgather)."""
+    import torch
+    positions = dist.hvd.allgather(torch.from_numpy(positions.astype(np.int64)), name="positions").numpy()
+    gathered = {name: dist.hvd.allgather(torch.from_numpy(r), name=f"rows.{name}").numpy()
+                for name, r in rows.items()}
+    return positions, gathered
 
 
 # --------------------------------------------------------------------------
@@ -391,6 +476,15 @@ def append_results_csv(path, row):
         table.to_csv(tmp, index=False)
 
 
+def similarity_path(path, metric, metrics):
+    """Where --save_similarities writes `metric`: the path itself for one
+    metric, a.<metric>.npz for several."""
+    if len(metrics) == 1:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.{metric}{ext}"
+
+
 def main():
     args = get_args_parser().parse_args()
     if args.similarities and (args.feature_path or args.model_path or args.baseline):
@@ -404,42 +498,63 @@ def main():
             raise UserError("--padding_size must be >= 0 and --frames_per_batch >= 1")
     elif args.save_similarities:
         raise UserError("--save_similarities writes a model's similarities; it needs model mode")
+    metrics = parse_metrics(args.metric) if not args.similarities else ["precomputed"]
 
     benchmark = load_benchmark(args.dataset, args.annotation_dir)
-    stats = {}
+    stats, dist = {}, None
     if args.similarities:
         query_ids, database_ids, similarities = load_similarities(args.similarities)
+        similarities = {"precomputed": similarities}
     else:
-        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as e:
-            raise UserError(f"--device {args.device}: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}: CUDA is not available on this machine")
-        query_ids, database_ids, similarities, stats = model_similarities(args, benchmark)
-        if args.save_similarities:
-            save_similarities(args.save_similarities, query_ids, database_ids, similarities)
-            print(f"saved similarities to {args.save_similarities}")
+        dist = init_distributed()
+        device = local_device(dist, args.device)
+        model = None
+        if not args.baseline:
+            flags = {flag: getattr(args, flag) for flag in ARCHITECTURE_FLAGS}
+            model = load_model(args.model_path, flags, device)
+        with open_features(args.feature_path) as features:
+            query_ids, database_ids, similarities, stats = model_similarities(
+                model, features, args.feature_path, benchmark, metrics, padding_size=args.padding_size,
+                frames_per_batch=args.frames_per_batch, device=device, dist=dist)
+        if dist.rank != 0:
+            return  # rank 0 evaluates and writes every output
 
-    metrics = benchmark.evaluate(query_ids, database_ids, similarities)
+    results = {m: benchmark.evaluate(query_ids, database_ids, similarities[m],
+                                     log=print if i == 0 else lambda *a: None) for i, m in enumerate(metrics)}
     print(f"===== {benchmark.name} =====")
-    print(benchmark.table(metrics))
+    if len(metrics) == 1:
+        print(benchmark.table(results[metrics[0]]))
+    else:
+        width = max(len(m) for m in metrics)
+        for i, m in enumerate(metrics):
+            header, values = benchmark.table(results[m]).split("\n", 1)
+            if i == 0:
+                print(f"{'metric':<{width}} {header}")
+            print(f"{m:<{width}} {values}")
     if stats:
-        print(f"{stats['s_per_query']:.4f} s/query, {stats['storage_kb_per_video']:.2f} KB/video "
-              f"({args.metric}), database encoding {stats['database_s_per_video'] * 1000:.2f} ms/video")
+        storage = ", ".join(f"{stats['storage_kb_per_video'][m]:.2f} KB/video ({m})" for m in metrics)
+        print(f"{stats['s_per_query']:.4f} s/query, {storage}, "
+              f"database encoding {stats['database_s_per_video'] * 1000:.2f} ms/video")
 
+    if args.save_similarities:
+        for m in metrics:
+            path = similarity_path(args.save_similarities, m, metrics)
+            save_similarities(path, query_ids, database_ids, similarities[m])
+            print(f"saved similarities to {path}")
     if args.json_out:
+        out = results[metrics[0]] if len(metrics) == 1 else results
         with atomic_path(args.json_out) as tmp, open(tmp, "w") as f:
-            json.dump(_json_ready(metrics), f, indent=2)
+            json.dump(_json_ready(out), f, indent=2)
     if args.results_csv:
-        row = {"dataset": benchmark.name,
-               "checkpoint": args.similarities or ("baseline" if args.baseline else args.model_path),
-               "metric": "precomputed" if args.similarities else args.metric}
-        row.update({k: v for k, v in metrics.items() if k != "events"})
-        row.update({f"EVVE/{event}": v for event, v in metrics.get("events", {}).items()})
-        row.update({k: stats.get(k, float("nan")) for k in ("s_per_query", "storage_kb_per_video")})
-        append_results_csv(args.results_csv, row)
+        for m in metrics:
+            row = {"dataset": benchmark.name,
+                   "checkpoint": args.similarities or ("baseline" if args.baseline else args.model_path),
+                   "metric": m}
+            row.update({k: v for k, v in results[m].items() if k != "events"})
+            row.update({f"EVVE/{event}": v for event, v in results[m].get("events", {}).items()})
+            row["s_per_query"] = stats.get("s_per_query", float("nan"))
+            row["storage_kb_per_video"] = stats["storage_kb_per_video"][m] if stats else float("nan")
+            append_results_csv(args.results_csv, row)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ WACV 2021) and the similarity functions used to compare their embeddings.
   paper's comparison, with the upstream constructor arguments.
 - MoCo: query/key encoders and a queue of negatives (He et al., CVPR 2020).
 - VideoComparator: ViSiL's CNN over a frame-to-frame similarity matrix.
-- cosine_similarity, chamfer_similarity, symmetric_chamfer_similarity: the one
-  implementation of each similarity that training, evaluation and the
-  benchmarks share.
+- AGGREGATORS and build_model: the one factory that training and evaluation
+  build their aggregator with (its keyword arguments are what a checkpoint
+  stores as "model_args").
+
+The similarities that compare the outputs are in similarity.py.
 
 Parameter names are those of the upstream code
 (github.com/xwen99/temporal_context_aggregation), so its state dicts load with
@@ -25,27 +27,12 @@ as T (upstream's data loader passes the uncropped length). `forward` and
 """
 import copy
 import itertools
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import concat_all_gather, l2_normalize, make_frame_mask, pad_sequences
-
-# encode(list of videos) pads videos of similar length together, at most this
-# many (padded) frames per forward pass, so memory stays bounded.
-ENCODE_FRAMES_PER_BATCH = 16384
-
-# chamfer similarities are computed in blocks of at most this many
-# frame-to-frame similarities (64 MB in float32).
-CHAMFER_CHUNK_SIZE = 1 << 24
-
-# chamfer pads the videos of a block to the block's longest by replication;
-# a block's longest video is at most this many times its shortest, so the
-# matrix products spend at most ~15% of their FLOPs on padding whatever the
-# spread of lengths (without the bound, 30-300 frame videos cost 1.85x).
-CHAMFER_LENGTH_SPREAD = 1.15
+from utils import FRAMES_PER_BATCH, concat_all_gather, l2_normalize, length_buckets, make_frame_mask, pad_sequences
 
 
 # --------------------------------------------------------------------------
@@ -118,17 +105,12 @@ def _encode_list(module, videos, crop=True):
     lengths = [len(v) for v in videos]
     order = sorted(range(len(videos)), key=lengths.__getitem__)
     out = [None] * len(videos)
-    start = 0
-    while start < len(order):
-        stop = start + 1
-        while stop < len(order) and (stop + 1 - start) * lengths[order[stop]] <= ENCODE_FRAMES_PER_BATCH:
-            stop += 1
+    for start, stop in length_buckets([lengths[i] for i in order], FRAMES_PER_BATCH):
         group = order[start:stop]
         padded, num_frames = pad_sequences([videos[i] for i in group], dtype=param.dtype, device=param.device)
         encoded = module.encode(padded.transpose(1, 2), num_frames)  # (n, T, C') or (n, K, C')
         for i, e in zip(group, encoded):
             out[i] = e[:lengths[i]] if crop else e
-        start = stop
     return out
 
 
@@ -147,6 +129,7 @@ class TCA(nn.Module):
         `dropout`; the video embedding then has output_dim dimensions. Not in
         the upstream code.
     """
+    encodes_frames = True  # encode gives one embedding per frame (TCA_f)
 
     def __init__(self, feature_size=1024, nhead=8, nlayers=1, dim_feedforward=2048, dropout=0.1,
                  pooling='mean', num_clusters=256, output_dim=1024):
@@ -264,6 +247,7 @@ class NetVLAD(nn.Module):
     encode: (N, num_clusters, feature_size) intra-normalised VLAD residuals
         (upstream's frame-level output of this model).
     """
+    encodes_frames = False  # encode gives one descriptor per cluster, not per frame
 
     def __init__(self, feature_size, num_clusters=256, output_dim=1024, normalize_input=True, alpha=1.0,
                  drop_rate=0.5, gating_reduction=8):
@@ -336,6 +320,7 @@ class NeXtVLAD(nn.Module):
     the expanded features belongs to group g), so its checkpoints give the
     same outputs. forward/encode as NetVLAD.
     """
+    encodes_frames = False
 
     def __init__(self, feature_size, num_clusters=64, output_dim=1024, normalize_input=True, expansion=2,
                  groups=8, drop_rate=0.5, gating_reduction=8):
@@ -390,6 +375,7 @@ class NeXtVLAD(nn.Module):
 class _RecurrentModule(nn.Module):
     """BatchNorm over the input frames, then a recurrent network; forward is
     the masked mean of its outputs, encode the outputs themselves."""
+    encodes_frames = True
 
     def __init__(self, rnn_class, rnn_name, feature_size, output_dim, nhid, nlayers, dropout):
         super().__init__()
@@ -536,187 +522,36 @@ class VideoComparator(nn.Module):
 
 
 # --------------------------------------------------------------------------
-# similarities
+# the factory training and evaluation share
 
-def cosine_similarity(queries, database):
-    """Cosine similarity (Q, D) of video embeddings queries (Q, C) and
-    database (D, C)."""
-    return l2_normalize(queries) @ l2_normalize(database).t()
+AGGREGATORS = ("tca", "tca_netvlad", "netvlad", "nextvlad", "lstm", "gru")
 
 
-def chamfer_similarity(query, query_num_frames, database, database_num_frames,
-                       chunk_size=CHAMFER_CHUNK_SIZE, comparator=None):
-    """Chamfer similarity (Q, D) of frame embeddings (ViSiL): for each query
-    video, the mean over its valid frames of the best dot product with any
-    valid frame of the database video.
+def build_model(aggregator="tca", feature_size=1024, num_layers=1, num_clusters=256, output_dim=1024,
+                normalize_input=False, dropout=0.0):
+    """The aggregator `aggregator` with upstream's constructor arguments.
+    These keyword arguments are a checkpoint's "model_args" (train.py), so a
+    checkpoint rebuilds its model with build_model(**model_args).
 
-    query (Q, Tq, C), database (D, Td, C); *_num_frames (Q,) / (D,), or None
-    when every frame is valid. A video without frames scores 0.
-    chunk_size bounds the frame-to-frame similarities held at once (memory
-    is about max(chunk_size, longest video) elements), whatever the lengths.
-    comparator: an optional VideoComparator applied to each pair's similarity
-    matrix first (upstream's --use_comparator); that path loops over pairs.
-    """
-    return _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, comparator, False)
-
-
-def symmetric_chamfer_similarity(query, query_num_frames, database, database_num_frames,
-                                 chunk_size=CHAMFER_CHUNK_SIZE, comparator=None):
-    """(chamfer(query, database) + chamfer(database, query)^T) / 2, (Q, D).
-    Both directions come from the same frame-to-frame similarities."""
-    return _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, comparator, True)
-
-
-def _as_frames(x, num_frames):
-    x = torch.as_tensor(x)
-    if x.dim() != 3:
-        raise ValueError(f"expected frame embeddings (N, T, C), got {tuple(x.shape)}")
-    if num_frames is None:
-        num_frames = torch.full((x.shape[0],), x.shape[1], device=x.device)
-    num_frames = torch.as_tensor(num_frames, device=x.device).reshape(-1).long().clamp(0, x.shape[1])
-    if num_frames.numel() != x.shape[0]:
-        raise ValueError(f"num_frames has {num_frames.numel()} entries for {x.shape[0]} videos")
-    return x, num_frames
-
-
-def _replicate_padding(x, num_frames):
-    """Fill the padded frames of x (n, T, C) with each video's first frame:
-    a duplicate never changes a max, so no mask is needed on the similarity
-    matrix. Every video must have a frame."""
-    valid = torch.arange(x.shape[1], device=x.device) < num_frames.unsqueeze(1)  # (n, T)
-    return torch.where(valid.unsqueeze(-1), x, x[:, :1])
-
-
-def _length_blocks(order, lengths, budget, spread=CHAMFER_LENGTH_SPREAD):
-    """Split videos, sorted by length, into consecutive blocks whose padded
-    size (count * longest length) fits in budget (at least one video each)
-    and whose longest length is at most spread * the shortest.
-    Yields (indices, padded length)."""
-    start = 0
-    while start < len(order):
-        stop = start + 1
-        while (stop < len(order) and (stop + 1 - start) * lengths[stop] <= budget
-               and lengths[stop] <= spread * lengths[start]):
-            stop += 1
-        yield order[start:stop], lengths[stop - 1]
-        start = stop
-
-
-def _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, comparator, symmetric):
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    query, qn = _as_frames(query, query_num_frames)
-    database, dn = _as_frames(database, database_num_frames)
-    if query.shape[2] != database.shape[2]:
-        raise ValueError(f"query has {query.shape[2]} channels, database {database.shape[2]}")
-    if comparator is not None:
-        return _comparator_chamfer(query, qn, database, dn, comparator, symmetric)
-    out = query.new_zeros(query.shape[0], database.shape[0])  # (Q, D)
-    # Sorting videos by length and padding them in blocks of similar length
-    # keeps the work on padding small; empty videos are skipped (score 0).
-    q_order = torch.argsort(qn)
-    q_order = q_order[qn[q_order] > 0]
-    d_order = torch.argsort(dn)
-    d_order = d_order[dn[d_order] > 0]
-    q_lengths, d_lengths = qn[q_order].tolist(), dn[d_order].tolist()
-    if not q_lengths or not d_lengths:
-        return out
-    # Query blocks of about sqrt(chunk_size) frames (more if the database is
-    # small) and database blocks filling the rest of the chunk keep each
-    # matrix product large and square enough to run near peak speed. A block
-    # holding one video longer than its budget is cut into frame ranges by
-    # _chamfer_block.
-    row_budget = max(math.isqrt(chunk_size), chunk_size // sum(d_lengths))
-    # Length-bounded query blocks are small; consecutive ones are stacked into
-    # groups of at most row_budget rows (padded once, about the size of
-    # `query`), so each matrix product still has many rows.
-    groups, group = [], []
-    for q_idx, q_len in _length_blocks(q_order, q_lengths, row_budget):
-        if group and sum(b.shape[0] * b.shape[1] for _, b in group) + len(q_idx) * q_len > row_budget:
-            groups.append(group)
-            group = []
-        group.append((q_idx, _replicate_padding(query[q_idx, :q_len], qn[q_idx])))  # (nq, Tq, C)
-    groups.append(group)
-    groups = [(group, torch.cat([b.reshape(-1, b.shape[2]) for _, b in group])) for group in groups]
-    rows = max(len(group_rows) for _, group_rows in groups)
-    for d_idx, d_len in _length_blocks(d_order, d_lengths, max(1, chunk_size // rows)):
-        d_block = _replicate_padding(database[d_idx, :d_len], dn[d_idx])  # (nd, Td, C)
-        for group, group_rows in groups:
-            if len(group_rows) * d_block.shape[0] * d_len <= chunk_size:
-                sims = torch.mm(group_rows, d_block.reshape(-1, d_block.shape[2]).t())  # (R, nd * Td)
-                for q_idx, sims in _split_group(group, sims, qn, dn[d_idx], symmetric):
-                    out[q_idx.unsqueeze(1), d_idx.unsqueeze(0)] = sims
-            else:  # a database video longer than the budget: frame ranges
-                for q_idx, q_block in group:
-                    sims = _chamfer_block(q_block, qn[q_idx], d_block, dn[d_idx], chunk_size, symmetric)
-                    out[q_idx.unsqueeze(1), d_idx.unsqueeze(0)] = sims
-    return out
-
-
-def _split_group(group, sims, qn, dn, symmetric):
-    """Yield (query indices, (nq, nd) chamfer similarities) for each query
-    block of `group` from the similarities sims (R, nd * Td) of its stacked
-    frames with a block of database videos padded by replication."""
-    nd = len(dn)
-    d_len = sims.shape[1] // nd
-    best_d = sims.view(-1, nd, d_len).amax(2)  # (R, nd) best database frame of each query frame
-    start = 0
-    for q_idx, q_block in group:
-        nq, q_len, _ = q_block.shape
-        rows = slice(start, start + nq * q_len)
-        start += nq * q_len
-        q_valid = (torch.arange(q_len, device=qn.device) < qn[q_idx].unsqueeze(1)).to(sims.dtype)  # (nq, Tq)
-        result = (best_d[rows].view(nq, q_len, nd) * q_valid.unsqueeze(2)).sum(1)  # (nq, nd)
-        result = result / qn[q_idx].unsqueeze(1).to(sims.dtype)
-        if symmetric:
-            best_q = sims[rows].view(nq, q_len, nd, d_len).amax(1)  # (nq, nd, Td) best query frame
-            d_valid = (torch.arange(d_len, device=dn.device) < dn.unsqueeze(1)).to(sims.dtype)  # (nd, Td)
-            result = (result + (best_q * d_valid).sum(2) / dn.to(sims.dtype)) / 2
-        yield q_idx, result
-
-
-def _chamfer_block(q_block, qn, d_block, dn, chunk_size, symmetric):
-    """Chamfer (or symmetric chamfer) similarities (nq, nd) between a block of
-    queries (nq, Tq, C) and of database videos (nd, Td, C), both padded by
-    replication. Queries are cut into pieces (whole videos, or frame ranges
-    of one long video) of at most chunk_size similarities."""
-    nq, q_len, C = q_block.shape
-    nd, d_len, _ = d_block.shape
-    columns = nd * d_len
-    d_matrix = d_block.reshape(columns, C).t()  # (C, nd * Td)
-    q_valid = (torch.arange(q_len, device=qn.device) < qn.unsqueeze(1)).to(q_block.dtype)  # (nq, Tq)
-    q_to_d = q_block.new_zeros(nq, nd)  # sum over valid query frames of the best database frame
-    d_to_q = q_block.new_full((nq, nd, d_len), -math.inf) if symmetric else None  # best query frame
-    videos_per_piece = max(1, chunk_size // (q_len * columns))
-    frames_per_piece = q_len if q_len * columns <= chunk_size else max(1, chunk_size // columns)
-    for i in range(0, nq, videos_per_piece):
-        j = min(i + videos_per_piece, nq)
-        for t in range(0, q_len, frames_per_piece):
-            u = min(t + frames_per_piece, q_len)
-            piece = q_block[i:j, t:u].reshape(-1, C)  # ((j-i) * (u-t), C)
-            sims = torch.mm(piece, d_matrix).view(j - i, u - t, nd, d_len)
-            q_to_d[i:j] += torch.einsum('qtd,qt->qd', sims.amax(3), q_valid[i:j, t:u])
-            if symmetric:
-                d_to_q[i:j] = torch.maximum(d_to_q[i:j], sims.amax(1))
-    result = q_to_d / qn.unsqueeze(1).to(q_to_d.dtype)
-    if symmetric:
-        d_valid = (torch.arange(d_len, device=dn.device) < dn.unsqueeze(1)).to(d_to_q.dtype)  # (nd, Td)
-        reverse = (d_to_q * d_valid).sum(2) / dn.to(d_to_q.dtype)  # (nq, nd)
-        result = (result + reverse) / 2
-    return result
-
-
-def _comparator_chamfer(query, qn, database, dn, comparator, symmetric):
-    """Chamfer through the VideoComparator, one pair at a time (the CNN's
-    replication padding makes a pair's result depend on its matrix size)."""
-    out = query.new_zeros(query.shape[0], database.shape[0])
-    for i in range(query.shape[0]):
-        for j in range(database.shape[0]):
-            if qn[i] == 0 or dn[j] == 0:
-                continue
-            sim = query[i, :qn[i]] @ database[j, :dn[j]].t()  # (Tq_i, Td_j)
-            score = comparator(sim).amax(1).mean()
-            if symmetric:
-                score = (score + comparator(sim.t()).amax(1).mean()) / 2
-            out[i, j] = score
-    return out
+    num_layers: Transformer (tca*) or recurrent (lstm, gru) layers;
+    num_clusters, normalize_input: the VLADs'; output_dim: the VLADs'
+    embedding size and the recurrent hidden size (TCA's embedding has
+    feature_size dimensions); dropout: TCA's and between recurrent layers
+    (the VLADs keep upstream's own rate, as upstream builds them)."""
+    if aggregator == "tca":
+        return TCA(feature_size=feature_size, nlayers=num_layers, dropout=dropout)
+    if aggregator == "tca_netvlad":
+        return TCA(feature_size=feature_size, nlayers=num_layers, dropout=dropout,
+                   pooling="netvlad", num_clusters=num_clusters, output_dim=output_dim)
+    if aggregator == "netvlad":
+        return NetVLAD(feature_size=feature_size, num_clusters=num_clusters, output_dim=output_dim,
+                       normalize_input=normalize_input)
+    if aggregator == "nextvlad":
+        return NeXtVLAD(feature_size=feature_size, num_clusters=num_clusters, output_dim=output_dim,
+                        normalize_input=normalize_input)
+    if aggregator in ("lstm", "gru"):
+        recurrent = LSTMModule if aggregator == "lstm" else GRUModule
+        # dropout acts between recurrent layers only (PyTorch warns when there is one)
+        return recurrent(feature_size=feature_size, output_dim=output_dim, nhid=output_dim, nlayers=num_layers,
+                         dropout=dropout if num_layers > 1 else 0.0)
+    raise ValueError(f"unknown aggregator {aggregator!r} (choose from {', '.join(AGGREGATORS)})")

@@ -8,11 +8,12 @@ against its positive and against the queue of negatives from earlier steps
 (every rank's negatives, gathered); then this step's negatives are enqueued.
 
 One process:          python train.py --annotation_path datasets/vcdb.pickle --feature_path F.hdf5 --model_path runs/tca
-Horovod, N workers:   horovodrun -np N -H localhost:N python train.py ...   (--use-adasum needs `horovodrun --mpi`)
+Horovod, N workers:   horovodrun -np N -H localhost:N python train.py ...   (--use_adasum needs `horovodrun --mpi`)
 
-Writes into --model_path: model.pth (the query encoder's state dict, what
-evaluation.py loads), checkpoint.pth (everything --resume needs), args.json and
-log.jsonl (one JSON object per logged step and per epoch).
+Writes into --model_path: model.pth ({"model": the query encoder's state dict,
+"model_args": its model.build_model arguments}, what evaluation.py loads with
+no architecture flag), checkpoint.pth (the same, plus everything --resume
+needs), args.json and log.jsonl (one JSON object per logged step and epoch).
 """
 import argparse
 import json
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 import utils
 from data import VCDBPairDataset, collate_pairs
-from model import TCA, GRUModule, LSTMModule, MoCo, NetVLAD, NeXtVLAD
+from model import AGGREGATORS, MoCo, build_model
 from utils import UserError
 
 
@@ -84,7 +85,7 @@ def get_args_parser():
                         help="Pairs per step on each rank (incomplete last batches are dropped)")
     parser.add_argument("-lr", "--learning_rate", type=float, default=1e-4,
                         help="Base learning rate; multiplied by the number of ranks as upstream "
-                             "(not with --use-adasum, except by GPUs per node for GPU Adasum with NCCL)")
+                             "(not with --use_adasum, except by GPUs per node for GPU Adasum with NCCL)")
     parser.add_argument("--optimizer", type=str, default="adam", choices=["adam", "sgd"],
                         help="Adam (what upstream trains with) or SGD with --momentum")
     parser.add_argument("--momentum", type=float, default=0.9, metavar="M",
@@ -105,17 +106,21 @@ def get_args_parser():
                         help="Temperature: logits are cosine similarities divided by it, for every --loss as upstream "
                              "(the README trains the circle loss with 1.0)")
     # distributed
-    parser.add_argument("--fp16-allreduce", action="store_true",
+    parser.add_argument("--fp16_allreduce", "--fp16-allreduce", action="store_true",
                         help="Compress gradients to fp16 for the Horovod allreduce")
-    parser.add_argument("--use-adasum", action="store_true",
+    parser.add_argument("--use_adasum", "--use-adasum", action="store_true",
                         help="Reduce gradients with Adasum instead of averaging (on CPU needs `horovodrun --mpi`)")
     # logging, checkpoints, reproducibility
-    parser.add_argument("-p", "--print-freq", type=int, default=10, metavar="N",
+    parser.add_argument("-p", "--print_freq", "--print-freq", type=int, default=10, metavar="N",
                         help="Log loss, learning rate and pairs/s every N steps (to tqdm and log.jsonl)")
     parser.add_argument("--save_every", type=int, default=1,
                         help="Write model.pth and checkpoint.pth every N epochs (and always after the last one)")
     parser.add_argument("--resume", action="store_true",
-                        help="Continue the run saved in --model_path/checkpoint.pth (same flags, same --seed)")
+                        help="Continue the run saved in --model_path/checkpoint.pth (same flags, same --seed; on "
+                             "another number of ranks the learning rate is rescaled to it)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Start afresh in a --model_path that holds a model.pth, replacing it (without this "
+                             "flag or --resume such a run is refused)")
     parser.add_argument("--seed", type=int, default=0,
                         help="Seed of initialisation, shuffling, negative sampling, cropping and dropout")
     return parser
@@ -155,28 +160,6 @@ def infonce_loss(logits):
 LOSSES = {"circle": circle_loss, "circle_upstream": circle_loss_upstream, "infonce": infonce_loss}
 
 
-AGGREGATORS = ["tca", "tca_netvlad", "netvlad", "nextvlad", "lstm", "gru"]
-
-
-def build_encoder(args):
-    """The aggregator, as upstream builds it for training (constructor names as in model.py)."""
-    if args.aggregator == "tca":
-        return TCA(feature_size=args.pca_components, nlayers=args.num_layers, dropout=args.dropout)
-    if args.aggregator == "tca_netvlad":
-        return TCA(feature_size=args.pca_components, nlayers=args.num_layers, dropout=args.dropout,
-                   pooling="netvlad", num_clusters=args.num_clusters, output_dim=args.output_dim)
-    if args.aggregator == "netvlad":
-        return NetVLAD(feature_size=args.pca_components, num_clusters=args.num_clusters,
-                       output_dim=args.output_dim, normalize_input=args.normalize_input)
-    if args.aggregator == "nextvlad":
-        return NeXtVLAD(feature_size=args.pca_components, num_clusters=args.num_clusters,
-                        output_dim=args.output_dim, normalize_input=args.normalize_input)
-    recurrent = LSTMModule if args.aggregator == "lstm" else GRUModule
-    # dropout acts between recurrent layers only (PyTorch warns when there is one)
-    return recurrent(feature_size=args.pca_components, output_dim=args.output_dim, nhid=args.output_dim,
-                     nlayers=args.num_layers, dropout=args.dropout if args.num_layers > 1 else 0.0)
-
-
 def seed_everything(seed, epoch, rank):
     """Seed torch, numpy and random from (seed, epoch, rank) at the start of every
     epoch: a run resumed at an epoch boundary draws exactly what an uninterrupted
@@ -187,34 +170,144 @@ def seed_everything(seed, epoch, rank):
     random.seed(int(state[0]))
 
 
-def main():
-    args = get_args_parser().parse_args()
+def model_args(args):
+    """build_model's arguments for this run: what model.pth carries so that it
+    describes itself (evaluation.py needs no architecture flag)."""
+    return {"aggregator": args.aggregator, "feature_size": args.pca_components, "num_layers": args.num_layers,
+            "num_clusters": args.num_clusters, "output_dim": args.output_dim,
+            "normalize_input": args.normalize_input, "dropout": args.dropout}
+
+
+def lr_scale(args, dist, device):
+    """Upstream multiplies the learning rate by the number of ranks, since
+    gradients are averaged over a world_size times larger batch; Adasum adapts
+    the combination itself, so it is not scaled (but for GPU Adasum with NCCL,
+    which averages within a node: by GPUs per node)."""
+    if not args.use_adasum:
+        return dist.size
+    return dist.local_size if device.type == "cuda" and dist.hvd.nccl_built() else 1
+
+
+def make_optimizer(model, args, dist, device):
+    """The optimizer of the query encoder (the key encoder follows by momentum,
+    not by gradients), Horovod's distributed wrapper, and the cosine schedule."""
+    params = list(model.encoder_q.parameters())
+    lr = args.learning_rate * lr_scale(args, dist, device)
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    if dist.hvd:
+        hvd = dist.hvd
+        optimizer = hvd.DistributedOptimizer(
+            optimizer, named_parameters=model.encoder_q.named_parameters(),
+            compression=hvd.Compression.fp16 if args.fp16_allreduce else hvd.Compression.none,
+            op=hvd.Adasum if args.use_adasum else hvd.Average)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    return optimizer, scheduler
+
+
+def save_checkpoint(model_path, model, optimizer, scheduler, epoch, args, lr_scaler):
+    """model.pth (the query encoder, self-describing) and checkpoint.pth
+    (everything --resume needs). model.pth first: a checkpoint never claims an
+    epoch the model file lacks."""
+    encoder = {"model": model.encoder_q.state_dict(), "model_args": model_args(args)}
+    utils.atomic_torch_save(encoder, os.path.join(model_path, "model.pth"))
+    utils.atomic_torch_save(encoder | {"moco": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars(args),
+                                       "lr_scaler": lr_scaler},
+                            os.path.join(model_path, "checkpoint.pth"))
+
+
+RESUME_FLAGS = ("aggregator", "pca_components", "output_dim", "num_clusters", "num_layers", "moco_k", "epochs")
+
+
+def restart_from_checkpoint(path, model, optimizer, scheduler, args, lr_scaler, device):
+    """Load checkpoint.pth into the model, optimizer and schedule; returns the
+    epoch it ended. A run resumed on another number of ranks keeps its
+    schedule but has its learning rate rescaled to the new world size
+    (lr_scaler: the new scale, see lr_scale)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: {path} not found")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged file
+        raise UserError(f"--resume: {path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(checkpoint, dict) or not {"moco", "optimizer", "scheduler", "epoch", "args"} <= checkpoint.keys():
+        raise UserError(f"--resume: {path} is not a train.py checkpoint.pth (a model.pth copied over it?)")
+    for flag in RESUME_FLAGS:
+        if checkpoint["args"].get(flag) != getattr(args, flag):
+            raise UserError(f"--resume: {path} was trained with --{flag} {checkpoint['args'].get(flag)}, "
+                            f"not {getattr(args, flag)}")
+    try:
+        model.load_state_dict(checkpoint["moco"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"--resume: {path} does not fit this model ({str(e).splitlines()[0]})") from None
+    old_scaler = checkpoint.get("lr_scaler", checkpoint["args"].get("world_size", lr_scaler))
+    if old_scaler != lr_scaler:
+        ratio = lr_scaler / old_scaler
+        scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+        for group in optimizer.param_groups:
+            group["lr"] *= ratio
+            group["initial_lr"] *= ratio
+        if utils.is_main_process():
+            print(f"--resume: learning rate rescaled x{ratio:g} ({old_scaler} -> {lr_scaler} ranks' scale)")
+    return checkpoint["epoch"]
+
+
+def train_one_epoch(model, loader, criterion, optimizer, epoch, args, dist, device, log):
+    """One pass over the loader; returns this rank's mean loss."""
+    model.train()
+    lr = optimizer.param_groups[0]["lr"]
+    total_loss, window_start, window_steps = 0.0, time.time(), 0
+    progress = tqdm(loader, total=len(loader), desc=f"epoch {epoch}/{args.epochs}",
+                    disable=dist.rank != 0, dynamic_ncols=True)
+    for step, (anchors, anchor_frames, positives, positive_frames, negatives, negative_frames) in enumerate(progress, 1):
+        # the aggregators take (N, C, T) like upstream
+        anchors, positives, negatives = (x.to(device, non_blocking=True).transpose(1, 2)
+                                         for x in (anchors, positives, negatives))
+        anchor_frames, positive_frames, negative_frames = (
+            x.to(device) for x in (anchor_frames, positive_frames, negative_frames))
+        logits, _ = model(anchors, positives, negatives, anchor_frames, positive_frames, negative_frames)
+        loss = criterion(logits)
+        if not math.isfinite(loss.item()):
+            raise UserError(f"loss is {loss.item()} at epoch {epoch} step {step} (features are checked finite on "
+                            f"reading: lower --learning_rate?)")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+        total_loss += loss.item()
+        window_steps += 1
+        if dist.rank == 0 and step % args.print_freq == 0:
+            pairs_per_s = window_steps * args.batch_sz * dist.size / (time.time() - window_start)
+            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs_per_s:.1f}")
+            log({"epoch": epoch, "step": step, "loss": loss.item(), "lr": lr, "pairs_per_s": pairs_per_s})
+            window_start, window_steps = time.time(), 0
+    return total_loss / len(loader)
+
+
+def check_args(args, dist):
     for flag in ("epochs", "batch_sz", "neg_num", "padding_size", "moco_k", "print_freq", "save_every"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.use_adasum and dist.hvd is None:
+        raise UserError("--use_adasum needs Horovod")
+    if args.use_adasum and dist.size > 1 and not dist.hvd.mpi_enabled():
+        raise UserError("--use_adasum needs Horovod's MPI controller: run with `horovodrun --mpi ...`")
+    model_file = os.path.join(args.model_path, "model.pth")
+    if not args.resume and not args.overwrite and os.path.exists(model_file):
+        raise UserError(f"{model_file} exists: pass --resume to continue that run or --overwrite to replace it")
 
-    # Horovod is optional: without it (or without horovodrun) this is one process.
-    try:
-        import horovod.torch as hvd
-        hvd.init()
-    except ImportError:
-        hvd = None
-    rank, world_size = utils.rank(), utils.world_size()
-    local_rank, local_size = (hvd.local_rank(), hvd.local_size()) if hvd else (0, 1)
-    if args.use_adasum and hvd is None:
-        raise UserError("--use-adasum needs Horovod")
-    if args.use_adasum and world_size > 1 and not hvd.mpi_enabled():
-        raise UserError("--use-adasum needs Horovod's MPI controller: run with `horovodrun --mpi ...`")
-    is_main = rank == 0
 
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        if "OMP_NUM_THREADS" not in os.environ:
-            # ranks on one machine share its cores; more threads than cores only adds contention
-            torch.set_num_threads(max(1, utils.available_cores() // local_size))
+def train(args):
+    """The whole run; returns the trained MoCo model (every rank's own)."""
+    dist = utils.init_distributed()
+    check_args(args, dist)
+    device = utils.local_device(dist)
+    is_main = dist.rank == 0
 
     # ---- data
     dataset = VCDBPairDataset(args.annotation_path, args.feature_path, padding_size=args.padding_size,
@@ -223,71 +316,41 @@ def main():
     if is_main:
         print(f"{len(dataset)} training pairs ({dataset.num_dropped_pairs} dropped: a video without features), "
               f"{len(dataset.negatives)} background negatives ({dataset.num_dropped_negatives} dropped)")
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    steps_per_epoch = len(sampler) // args.batch_sz
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(dataset)} usable pairs give each of the {world_size} rank(s) {len(sampler)} pairs, "
+    sampler = DistributedSampler(dataset, num_replicas=dist.size, rank=dist.rank, shuffle=True, seed=args.seed)
+    if len(sampler) < args.batch_sz:
+        raise UserError(f"{len(dataset)} usable pairs give each of the {dist.size} rank(s) {len(sampler)} pairs, "
                         f"fewer than one batch of --batch_sz {args.batch_sz}")
     loader = DataLoader(dataset, batch_size=args.batch_sz, sampler=sampler, drop_last=True,
-                        num_workers=args.num_workers, collate_fn=collate_pairs,
-                        pin_memory=device.type == "cuda")
+                        num_workers=args.num_workers, collate_fn=collate_pairs, pin_memory=device.type == "cuda")
 
     # ---- model, optimizer, schedule
     seed_everything(args.seed, 0, 0)  # same initial weights everywhere (rank 0's are broadcast anyway)
-    encoder = build_encoder(args)
+    encoder = build_model(**model_args(args))
     model = MoCo(encoder, dim=encoder.output_dim, K=args.moco_k, m=args.moco_m, T=args.moco_t).to(device)
     criterion = LOSSES[args.loss]
-
-    # Upstream scales the learning rate by the number of ranks, since gradients
-    # are averaged over a world_size times larger batch; Adasum adapts the
-    # combination itself, so it is not scaled (but for GPU Adasum with NCCL,
-    # which averages within a node: scaled by GPUs per node).
-    lr_scaler = 1 if args.use_adasum else world_size
-    if args.use_adasum and device.type == "cuda" and hvd.nccl_built():
-        lr_scaler = local_size
-    params = list(model.encoder_q.parameters())  # the key encoder follows by momentum, not by gradients
-    if args.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=args.learning_rate * lr_scaler, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=args.learning_rate * lr_scaler, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
-    if hvd:
-        compression = hvd.Compression.fp16 if args.fp16_allreduce else hvd.Compression.none
-        optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.encoder_q.named_parameters(),
-                                             compression=compression,
-                                             op=hvd.Adasum if args.use_adasum else hvd.Average)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    optimizer, scheduler = make_optimizer(model, args, dist, device)
+    lr_scaler = lr_scale(args, dist, device)
 
     os.makedirs(args.model_path, exist_ok=True)
-    checkpoint_path = os.path.join(args.model_path, "checkpoint.pth")
     start_epoch = 1
     if args.resume:
-        if not os.path.isfile(checkpoint_path):
-            raise UserError(f"--resume: {checkpoint_path} not found")
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        for flag in ("aggregator", "pca_components", "output_dim", "num_clusters", "num_layers", "moco_k", "epochs"):
-            if checkpoint["args"][flag] != getattr(args, flag):
-                raise UserError(f"--resume: {checkpoint_path} was trained with --{flag} "
-                                f"{checkpoint['args'][flag]}, not {getattr(args, flag)}")
-        model.load_state_dict(checkpoint["moco"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch = checkpoint["epoch"] + 1
+        checkpoint_path = os.path.join(args.model_path, "checkpoint.pth")
+        start_epoch = restart_from_checkpoint(checkpoint_path, model, optimizer, scheduler, args, lr_scaler,
+                                              device) + 1
         if is_main:
-            print(f"resuming {checkpoint_path} after epoch {checkpoint['epoch']} of {args.epochs}"
+            print(f"resuming {checkpoint_path} after epoch {start_epoch - 1} of {args.epochs}"
                   + (": nothing left to train" if start_epoch > args.epochs else ""))
-
-    if hvd:
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    if dist.hvd:
+        dist.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         # A fresh optimizer has the same (empty) state on every rank; Horovod would
         # fill it by an optimizer step with zero gradients, which weight decay turns
         # into a real update, so only a loaded state is broadcast.
         if args.resume:
-            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+            dist.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
     if is_main:
         with utils.atomic_path(os.path.join(args.model_path, "args.json")) as tmp, open(tmp, "w") as f:
-            json.dump(vars(args) | {"world_size": world_size}, f, indent=1)
+            json.dump(vars(args) | {"world_size": dist.size}, f, indent=1)
     log_file = open(os.path.join(args.model_path, "log.jsonl"), "a") if is_main else None
 
     def log(record):
@@ -296,59 +359,31 @@ def main():
 
     # ---- training
     for epoch in range(start_epoch, args.epochs + 1):
-        seed_everything(args.seed, epoch, rank)
+        seed_everything(args.seed, epoch, dist.rank)
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
-        model.train()
-        lr = optimizer.param_groups[0]["lr"]
-        epoch_loss, epoch_start = 0.0, time.time()
-        window_start, window_steps = time.time(), 0
-        progress = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}",
-                        disable=not is_main, dynamic_ncols=True)
-        for step, (anchors, anchor_frames, positives, positive_frames, negatives, negative_frames) in enumerate(progress, 1):
-            # the aggregators take (N, C, T) like upstream
-            anchors, positives, negatives = (x.to(device, non_blocking=True).transpose(1, 2)
-                                             for x in (anchors, positives, negatives))
-            anchor_frames, positive_frames, negative_frames = (
-                x.to(device) for x in (anchor_frames, positive_frames, negative_frames))
-            logits, _ = model(anchors, positives, negatives, anchor_frames, positive_frames, negative_frames)
-            loss = criterion(logits)
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step}")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-            epoch_loss += loss.item()
-            window_steps += 1
-            if is_main and step % args.print_freq == 0:
-                pairs_per_s = window_steps * args.batch_sz * world_size / (time.time() - window_start)
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs_per_s:.1f}")
-                log({"epoch": epoch, "step": step, "loss": loss.item(), "lr": lr, "pairs_per_s": pairs_per_s})
-                window_start, window_steps = time.time(), 0
+        lr, epoch_start = optimizer.param_groups[0]["lr"], time.time()
+        epoch_loss = torch.tensor(train_one_epoch(model, loader, criterion, optimizer, epoch, args, dist, device, log))
         scheduler.step()
-
-        # mean loss over the epoch and the ranks
-        epoch_loss = torch.tensor(epoch_loss / steps_per_epoch)
-        if hvd:
-            epoch_loss = hvd.allreduce(epoch_loss, name="epoch_loss", op=hvd.Average)
+        if dist.hvd:  # mean loss over the ranks
+            epoch_loss = dist.hvd.allreduce(epoch_loss, name="epoch_loss", op=dist.hvd.Average)
         seconds = time.time() - epoch_start
         if is_main:
-            pairs_per_s = steps_per_epoch * args.batch_sz * world_size / seconds
+            pairs_per_s = len(loader) * args.batch_sz * dist.size / seconds
             print(f"epoch {epoch}/{args.epochs}: loss {epoch_loss.item():.4f}, lr {lr:.3g}, "
                   f"{pairs_per_s:.1f} pairs/s, {seconds:.1f} s")
             log({"epoch": epoch, "loss": epoch_loss.item(), "lr": lr, "pairs_per_s": pairs_per_s,
                  "seconds": seconds})
-
-        if is_main and (epoch % args.save_every == 0 or epoch == args.epochs):
-            # model.pth first: a checkpoint never claims an epoch the model file lacks
-            utils.atomic_torch_save(model.encoder_q.state_dict(), os.path.join(args.model_path, "model.pth"))
-            utils.atomic_torch_save({"moco": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars(args)},
-                                    checkpoint_path)
+            if epoch % args.save_every == 0 or epoch == args.epochs:
+                save_checkpoint(args.model_path, model, optimizer, scheduler, epoch, args, lr_scaler)
     if is_main:
         log_file.close()
         print(f"saved {os.path.join(args.model_path, 'model.pth')}")
+    return model
+
+
+def main():
+    train(get_args_parser().parse_args())
 
 
 if __name__ == "__main__":

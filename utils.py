@@ -6,15 +6,23 @@ reporting of the command-line tools.
 Each idea lives here once; model.py, data.py, train.py, evaluation.py and the
 pre-processing scripts import it from here.
 """
+import collections
 import contextlib
+import math
 import os
 import pickle
 import sys
 import tempfile
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+# torch is imported inside the functions that need it: evaluating a
+# similarity file needs none of it, and `import torch` is most of that run's
+# start-up (bench/NOTES.md).
+
+# Padded frames per forward pass when a list of videos is encoded or
+# compared: bounds memory whatever the lengths (model, similarity, evaluation).
+FRAMES_PER_BATCH = 16384
 
 
 class UserError(Exception):
@@ -23,10 +31,11 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run a script's `main()`; a `UserError` becomes `error: <message>` on
-    stderr and exit status 2 instead of a traceback."""
+    """Run a script's `main()` and return what it returns; a `UserError`
+    becomes `error: <message>` on stderr and exit status 2 instead of a
+    traceback."""
     try:
-        main()
+        return main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -48,7 +57,8 @@ def available_cores():
 def l2_normalize(x, dim=-1, eps=1e-12):
     """L2-normalise along `dim`; accepts a torch tensor or a numpy array and
     returns the same kind. Zero vectors stay zero (norm clamped at `eps`)."""
-    if isinstance(x, torch.Tensor):
+    if not isinstance(x, np.ndarray) and type(x).__module__.startswith("torch"):
+        import torch.nn.functional as F
         return F.normalize(x, p=2, dim=dim, eps=eps)
     x = np.asarray(x)
     norm = np.linalg.norm(x, axis=dim, keepdims=True)
@@ -60,12 +70,13 @@ def make_frame_mask(num_frames, max_frames):
 
     num_frames: (N,) or (N, 1) integer tensor of true lengths.
     """
+    import torch
     num_frames = torch.as_tensor(num_frames).reshape(-1, 1)
     steps = torch.arange(max_frames, device=num_frames.device)
     return steps.unsqueeze(0) < num_frames  # (N, T)
 
 
-def pad_sequences(sequences, max_frames=None, dtype=torch.float32, device=None):
+def pad_sequences(sequences, max_frames=None, dtype=None, device=None):
     """Stack variable-length frame features into a zero-padded batch.
 
     sequences: list of (T_i, C) arrays or tensors.
@@ -73,6 +84,9 @@ def pad_sequences(sequences, max_frames=None, dtype=torch.float32, device=None):
         default is the longest sequence.
     Returns (padded (N, T, C), num_frames (N,) int64).
     """
+    import torch
+    if dtype is None:
+        dtype = torch.float32
     tensors = [torch.as_tensor(np.asarray(s) if not isinstance(s, torch.Tensor) else s)
                for s in sequences]
     if max_frames is None:
@@ -85,6 +99,42 @@ def pad_sequences(sequences, max_frames=None, dtype=torch.float32, device=None):
         padded[i, :length] = t[:length].to(dtype=dtype, device=device)
         num_frames[i] = length
     return padded, num_frames
+
+
+def length_buckets(lengths, budget=FRAMES_PER_BATCH, spread=math.inf, slack=0, rows=None):
+    """Split items sorted by length (`lengths` ascending) into consecutive
+    buckets that are padded to their longest item together, so little work
+    goes to padding. A bucket's padded size (its rows x its longest length)
+    stays within `budget` (a bucket holds at least one item) and its longest
+    length within spread x its shortest + slack. rows[i]: how many padded
+    rows item i takes (default 1; a video cut into chunks takes one per
+    chunk). Yields (start, stop) ranges into the sorted order."""
+    start = 0
+    while start < len(lengths):
+        stop, used = start + 1, rows[start] if rows is not None else 1
+        while stop < len(lengths):
+            more = used + (rows[stop] if rows is not None else 1)
+            if more * lengths[stop] > budget or lengths[stop] > spread * lengths[start] + slack:
+                break
+            stop, used = stop + 1, more
+        yield start, stop
+        start = stop
+
+
+def balanced_owners(work, size):
+    """Share items of `work` (each item's cost: frames, bytes) among `size`
+    workers so that they finish together: largest first, each to the worker
+    with the least work so far (ties: the lower worker). Deterministic;
+    returns each item's worker (N,) int64."""
+    import heapq
+    work = np.asarray(work)
+    heap = [(0, worker) for worker in range(size)]
+    owners = np.empty(len(work), dtype=np.int64)
+    for i in np.lexsort((np.arange(len(work)), -work)).tolist():
+        load, worker = heapq.heappop(heap)
+        owners[i] = worker
+        heapq.heappush(heap, (load + int(work[i]), worker))
+    return owners
 
 
 # --------------------------------------------------------------------------
@@ -128,10 +178,14 @@ def load_pickle(path):
         raise UserError(f"{path}: malformed pickle ({type(e).__name__}: {e})") from None
 
 
-def load_state_dict(path, map_location="cpu"):
-    """Load a model state dict with `weights_only=True`. Accepts a bare state
-    dict or a training checkpoint holding one under 'model'/'state_dict', and
-    strips the 'module.' prefix that DataParallel/DDP checkpoints carry."""
+def load_checkpoint(path, map_location="cpu"):
+    """Load a model checkpoint with `weights_only=True`: returns (state_dict,
+    model_args). model_args is the dict of build_model arguments a
+    self-describing checkpoint carries (train.py's {"model", "model_args"}),
+    None for a bare state dict (upstream's) or one under 'state_dict' /
+    'model_state_dict'. The 'module.' prefix of DataParallel/DDP
+    checkpoints is stripped."""
+    import torch
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint not found")
@@ -139,14 +193,23 @@ def load_state_dict(path, map_location="cpu"):
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many kinds for a bad file
         raise UserError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+    model_args = None
     if isinstance(obj, dict):
+        if isinstance(obj.get("model_args"), dict):
+            model_args = obj["model_args"]
         for key in ("model", "state_dict", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict):
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: checkpoint holds no state dict")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return state_dict, model_args
+
+
+def load_state_dict(path, map_location="cpu"):
+    """The state dict of a checkpoint (see load_checkpoint)."""
+    return load_checkpoint(path, map_location)[0]
 
 
 def open_features(path, mode="r"):
@@ -159,6 +222,19 @@ def open_features(path, mode="r"):
         return h5py.File(path, mode)
     except OSError as e:
         raise UserError(f"{path}: cannot open as HDF5 ({e})") from None
+
+
+def read_features(features, key, path=None):
+    """The (T, C) features of video `key` of an open HDF5 feature file as
+    float32 (files may store float16). Refuses non-finite values with one
+    line naming the file, the video and the frame: one NaN frame would
+    otherwise turn every similarity of that video into NaN."""
+    video = np.asarray(features[key][()], dtype=np.float32)
+    finite = np.isfinite(video)
+    if not finite.all():
+        frame = int(np.argwhere(~finite)[0][0])
+        raise UserError(f"{path or features.filename}: video {key}: non-finite feature value at frame {frame}")
+    return video
 
 
 # --------------------------------------------------------------------------
@@ -187,6 +263,7 @@ def atomic_path(path):
 
 
 def atomic_torch_save(obj, path):
+    import torch
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -207,6 +284,46 @@ def _hvd():
     return hvd
 
 
+Distributed = collections.namedtuple("Distributed", "hvd rank size local_rank local_size")
+
+
+def init_distributed():
+    """Start Horovod (one process per rank under `horovodrun`; a plain
+    `python script.py` is a world of one) and return Distributed(hvd, rank,
+    size, local_rank, local_size), hvd None when Horovod is not installed.
+    Every entry point that runs under horovodrun starts this way."""
+    try:
+        import horovod.torch as hvd
+    except ImportError:
+        return Distributed(None, 0, 1, 0, 1)
+    hvd.init()
+    return Distributed(hvd, hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+
+
+def local_device(dist, requested=None):
+    """The torch device of this rank: `requested` if given, else its local GPU
+    (local rank) when there is one, else the CPU, whose cores the ranks of
+    one host then share (threads = cores / local ranks, unless
+    OMP_NUM_THREADS says otherwise: more threads than cores only contend)."""
+    import torch
+    if requested is not None:
+        try:
+            device = torch.device(requested)
+        except RuntimeError as e:
+            raise UserError(f"--device {requested}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: CUDA is not available on this machine")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, available_cores() // dist.local_size))
+    return device
+
+
 def world_size():
     hvd = _hvd()
     return hvd.size() if hvd else 1
@@ -221,11 +338,10 @@ def is_main_process():
     return rank() == 0
 
 
-@torch.no_grad()
 def concat_all_gather(tensor):
     """Concatenate `tensor` from every worker along dim 0 (rank order).
     Identity on a single process. No gradient flows through the gather."""
     hvd = _hvd()
     if hvd is None or hvd.size() == 1:
         return tensor
-    return hvd.allgather(tensor.contiguous())
+    return hvd.allgather(tensor.detach().contiguous())

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, ROOT)
-import evaluation  # noqa: E402
-from model import chamfer_similarity  # noqa: E402
-from utils import l2_normalize  # noqa: E402
+import evaluation
+from conftest import ANNOTATION_DIR as ANNOTATIONS
+from model import build_model
+from similarity import chamfer_similarity
+from utils import l2_normalize
 
-from conftest import ANNOTATION_DIR as ANNOTATIONS  # noqa: E402
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def run(argv, capsys):
@@ -205,14 +205,13 @@ def test_baseline_chamfer_is_chamfer_of_frames(mini, capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def tca_checkpoint(tmp_path_factory):
-    from train import build_encoder
+    """A self-describing model.pth, as train.py writes it."""
     root = tmp_path_factory.mktemp("tca")
-    args = {"aggregator": "tca", "pca_components": C, "num_layers": 1, "num_clusters": 4, "output_dim": C,
-            "normalize_input": False, "dropout": 0.0}
+    model_args = {"aggregator": "tca", "feature_size": C, "num_layers": 1, "num_clusters": 4, "output_dim": C,
+                  "normalize_input": False, "dropout": 0.0}
     torch.manual_seed(0)
-    model = build_encoder(SimpleNamespace(**args)).eval()
-    torch.save(model.state_dict(), root / "model.pth")
-    (root / "args.json").write_text(json.dumps(args))  # what train.py writes next to model.pth
+    model = build_model(**model_args).eval()
+    torch.save({"model": model.state_dict(), "model_args": model_args}, root / "model.pth")
     return root / "model.pth", model
 
 
@@ -249,12 +248,87 @@ def test_tca_chamfer_whole_videos(mini, capsys, tmp_path, tca_checkpoint):
             assert s[i, j] == pytest.approx(float(expected), abs=1e-5)
 
 
-def test_wrong_checkpoint_is_one_line(mini, capsys, tmp_path, tca_checkpoint):
+def test_a_flag_contradicting_the_checkpoint_names_both_values(mini, capsys, tca_checkpoint):
     path, _ = tca_checkpoint
     status, _, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root,
                           "--feature_path", mini.root / "features.hdf5", "--model_path", path,
                           "--num_layers", 2, "--device", "cpu"], capsys)
-    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and "does not fit" in err
+    assert status == 2 and err.count("\n") == 1
+    assert err == f"error: {path}: the checkpoint was trained with --num_layers 1, not 2\n"
+
+
+def test_a_non_default_architecture_needs_no_flag(mini, capsys, tmp_path):
+    """A self-describing checkpoint of 2 layers and 8 input channels, with no
+    args.json beside it, evaluates with no architecture flag."""
+    model_args = {"aggregator": "tca", "feature_size": 8, "num_layers": 2, "num_clusters": 4, "output_dim": 8,
+                  "normalize_input": False, "dropout": 0.2}
+    torch.manual_seed(1)
+    model = build_model(**model_args).eval()
+    torch.save({"model": model.state_dict(), "model_args": model_args}, tmp_path / "model.pth")
+    with h5py.File(tmp_path / "f8.hdf5", "w") as f:
+        for v, x in mini.videos.items():
+            f[v] = x[:, :8]
+    status, out, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root, "--feature_path",
+                            tmp_path / "f8.hdf5", "--model_path", tmp_path / "model.pth", "--padding_size", 0,
+                            "--save_similarities", tmp_path / "s.npz"], capsys)
+    assert status == 0, err
+    with torch.no_grad():
+        embed = {v: model([torch.from_numpy(x[:, :8])])[0] for v, x in mini.videos.items()}
+    _, _, s = evaluation.load_similarities(str(tmp_path / "s.npz"))
+    expected = [[float(embed[q] @ embed[v]) for v in mini.database] for q in ("q1", "q2")]
+    np.testing.assert_allclose(s, expected, atol=1e-5)
+
+
+def test_bare_state_dict_uses_args_json_then_flags(mini, capsys, tmp_path):
+    """Upstream's (and this project's earlier) bare state dict loads strictly
+    with the architecture of the args.json beside it; flags override it."""
+    torch.manual_seed(2)
+    model = build_model("tca", feature_size=C, num_layers=2).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    (tmp_path / "args.json").write_text(json.dumps({"aggregator": "tca", "pca_components": C, "num_layers": 2}))
+    common = ["--dataset", "FIVR-5K", "--annotation_dir", mini.root, "--feature_path", mini.root / "features.hdf5",
+              "--model_path", tmp_path / "model.pth", "--padding_size", 0]
+    status, _, err = run(common + ["--save_similarities", tmp_path / "s.npz"], capsys)
+    assert status == 0, err
+    with torch.no_grad():
+        embed = {v: model([torch.from_numpy(x)])[0] for v, x in mini.videos.items()}
+    _, _, s = evaluation.load_similarities(str(tmp_path / "s.npz"))
+    np.testing.assert_allclose(s[0, 0], float(embed["q1"] @ embed["a"]), atol=1e-5)
+    status, _, err = run(common + ["--num_layers", 1], capsys)
+    assert status == 2 and err.count("\n") == 1 and "does not fit a tca model" in err
+
+
+def test_evaluation_does_not_import_train():
+    code = "import evaluation, sys; assert 'train' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_metric_all_equals_three_single_metric_runs(mini, capsys, tmp_path, tca_checkpoint):
+    path, _ = tca_checkpoint
+    common = ["--dataset", "FIVR-5K", "--annotation_dir", mini.root, "--feature_path", mini.root / "features.hdf5",
+              "--model_path", path, "--padding_size", 10]
+    status, out, err = run(common + ["--metric", "all", "--save_similarities", tmp_path / "all.npz",
+                                     "--json_out", tmp_path / "all.json"], capsys)
+    assert status == 0, err
+    table = out[out.index("====="):].splitlines()
+    assert table[1].split()[:2] == ["metric", "DSVR"]
+    assert [line.split()[0] for line in table[2:5]] == ["cosine", "chamfer", "symmetric_chamfer"]
+    together = json.loads((tmp_path / "all.json").read_text())
+    for metric in ("cosine", "chamfer", "symmetric_chamfer"):
+        status, _, err = run(common + ["--metric", metric, "--save_similarities", tmp_path / "one.npz",
+                                       "--json_out", tmp_path / "one.json"], capsys)
+        assert status == 0, err
+        _, _, alone = evaluation.load_similarities(str(tmp_path / "one.npz"))
+        _, _, combined = evaluation.load_similarities(str(tmp_path / f"all.{metric}.npz"))
+        np.testing.assert_array_equal(combined, alone)
+        assert together[metric] == json.loads((tmp_path / "one.json").read_text())
+
+
+def test_unknown_metric_is_one_line(mini, capsys, tca_checkpoint):
+    path, _ = tca_checkpoint
+    status, _, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root, "--feature_path",
+                          mini.root / "features.hdf5", "--model_path", path, "--metric", "cosine,l2"], capsys)
+    assert status == 2 and err.count("\n") == 1 and "--metric cosine,l2" in err
 
 
 def test_features_of_the_wrong_size_are_one_line(tmp_path, mini, capsys, tca_checkpoint):
@@ -272,10 +346,26 @@ def test_encode_videos_batches_videos_of_similar_length():
     runs on the padded batch), and every video comes out once."""
     lengths = np.random.default_rng(0).integers(1, 300, 100)
     features = {str(i): np.ones((t, 4), np.float32) for i, t in enumerate(lengths)}
-    args = SimpleNamespace(metric="chamfer", padding_size=0, frames_per_batch=16384, device="cpu")
     seen = []
-    for batch, (frames, num_frames) in evaluation.encode_videos(None, features, list(features), lengths, args, "t"):
-        assert num_frames.tolist() == lengths[batch].tolist()
-        assert lengths[batch].max() <= evaluation.BATCH_LENGTH_SPREAD * lengths[batch].min() + evaluation.BATCH_LENGTH_SLACK
-        seen.extend(batch.tolist())
+    for batch in evaluation.encode_videos(None, features, list(features), lengths, video_level=False,
+                                          frame_level=True, padding_size=0):
+        assert batch.embeddings is None
+        assert batch.num_frames.tolist() == lengths[batch.indices].tolist()
+        longest, shortest = lengths[batch.indices].max(), lengths[batch.indices].min()
+        assert longest <= evaluation.BATCH_LENGTH_SPREAD * shortest + evaluation.BATCH_LENGTH_SLACK
+        seen.extend(batch.indices.tolist())
     assert sorted(seen) == list(range(len(lengths)))
+
+
+def test_a_non_finite_feature_is_refused_naming_video_and_frame(mini, capsys, tmp_path):
+    with h5py.File(tmp_path / "f.hdf5", "w") as f:
+        for v, x in mini.videos.items():
+            f[v] = x
+        del f["n3"]
+        bad = mini.videos["n3"].copy()
+        bad[4, 2] = np.nan
+        f["n3"] = bad
+    status, _, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root, "--feature_path",
+                          tmp_path / "f.hdf5", "--baseline", "--device", "cpu"], capsys)
+    assert status == 2 and err.count("error:") == 1
+    assert err.endswith(f"error: {tmp_path / 'f.hdf5'}: video n3: non-finite feature value at frame 4\n")

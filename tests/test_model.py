@@ -1,6 +1,5 @@
 """Tests of model.py: shapes, masking and padding invariance, upstream
-checkpoint compatibility, MoCo's queue, and the similarity functions against
-hand-computed and brute-force values. Small sizes: the whole file runs in
+checkpoint compatibility, MoCo's queue, the aggregator factory. Small sizes: the whole file runs in
 seconds on a CPU."""
 import os
 import subprocess
@@ -11,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (TCA, GRUModule, LSTMModule, MoCo, NetVLAD, NeXtVLAD, VideoComparator, chamfer_similarity,
-                   cosine_similarity, symmetric_chamfer_similarity)
+from model import AGGREGATORS, TCA, GRUModule, LSTMModule, MoCo, NetVLAD, NeXtVLAD, VideoComparator, build_model
+from similarity import chamfer_similarity
 from utils import make_frame_mask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +39,6 @@ def build(name, **kwargs):
     return GRUModule(feature_size=C, output_dim=24, nhid=24, **kwargs)
 
 
-AGGREGATORS = ["tca", "tca_netvlad", "netvlad", "nextvlad", "lstm", "gru"]
 NO_DROPOUT = {"tca": {"dropout": 0.0}, "tca_netvlad": {"dropout": 0.0}, "netvlad": {"drop_rate": 0.0},
               "nextvlad": {"drop_rate": 0.0}, "lstm": {"dropout": 0.0}, "gru": {"dropout": 0.0}}
 
@@ -197,8 +195,8 @@ def test_bad_arguments():
         build("tca")(torch.randn(2, 16, 5), torch.tensor([5, 5]))
     with pytest.raises(ValueError, match="num_frames"):
         build("tca")(torch.randn(2, C, 5), torch.tensor([5, 5, 5]))
-    with pytest.raises(ValueError, match="chunk_size"):
-        chamfer_similarity(torch.randn(1, 2, 4), None, torch.randn(1, 2, 4), None, chunk_size=0)
+    with pytest.raises(ValueError, match="unknown aggregator 'transformer'"):
+        build_model("transformer")
 
 
 # --------------------------------------------------------------------------
@@ -429,95 +427,6 @@ def test_moco_forward_logits_and_enqueued_keys():
 
 
 # --------------------------------------------------------------------------
-# similarities
-
-def test_cosine_similarity():
-    queries = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
-    database = torch.tensor([[0.0, 2.0], [1.0, 1.0], [-5.0, 0.0]])
-    expected = torch.tensor([[0.8, 1.4 / 2 ** 0.5, -0.6], [0.0, 1 / 2 ** 0.5, -1.0]])
-    assert torch.allclose(cosine_similarity(queries, database), expected, atol=1e-6)
-
-
-def hand_case():
-    """Query: 2 valid frames (+1 padded); database video 0: 3 frames (+0),
-    video 1: 1 frame (+2 padded, holding values that would win a max)."""
-    query = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]])  # (1, 3, 2)
-    database = torch.tensor([[[1.0, 0.0], [0.6, 0.8], [-1.0, 0.0]],
-                             [[0.0, -1.0], [5.0, 5.0], [5.0, 5.0]]])  # (2, 3, 2)
-    return query, torch.tensor([2]), database, torch.tensor([3, 1])
-
-
-def test_chamfer_hand_computed():
-    # video 0: frame (1,0) best 1.0, frame (0,1) best 0.8 -> 0.9
-    # video 1: only (0,-1): 0 and -1 -> -0.5
-    query, qn, database, dn = hand_case()
-    assert torch.allclose(chamfer_similarity(query, qn, database, dn), torch.tensor([[0.9, -0.5]]))
-
-
-def test_symmetric_chamfer_hand_computed():
-    # reverse video 0: (1,0) -> 1.0, (0.6,0.8) -> 0.8, (-1,0) -> 0.0: mean 0.6; (0.9 + 0.6) / 2 = 0.75
-    # reverse video 1: (0,-1) -> max(0, -1) = 0.0; (-0.5 + 0.0) / 2 = -0.25
-    query, qn, database, dn = hand_case()
-    assert torch.allclose(symmetric_chamfer_similarity(query, qn, database, dn), torch.tensor([[0.75, -0.25]]))
-    # and it is the mean of the two directions
-    forward = chamfer_similarity(query, qn, database, dn)
-    backward = chamfer_similarity(database, dn, query, qn)
-    assert torch.allclose(symmetric_chamfer_similarity(query, qn, database, dn), (forward + backward.t()) / 2)
-
-
-def brute_force_chamfer(query, qn, database, dn, symmetric):
-    out = torch.zeros(len(query), len(database), dtype=torch.float64)
-    for i in range(len(query)):
-        for j in range(len(database)):
-            if qn[i] and dn[j]:
-                sim = query[i, :qn[i]].double() @ database[j, :dn[j]].double().t()
-                out[i, j] = sim.amax(1).mean()
-                if symmetric:
-                    out[i, j] = (out[i, j] + sim.amax(0).mean()) / 2
-    return out
-
-
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_chunked_chamfer_equals_unchunked(symmetric):
-    """Every chunk size -- down to one similarity per chunk, which splits
-    videos into frame ranges -- gives the brute-force values; empty videos
-    score 0."""
-    function = symmetric_chamfer_similarity if symmetric else chamfer_similarity
-    query, database = torch.randn(6, 13, 8), torch.randn(9, 11, 8)
-    qn = torch.tensor([13, 0, 1, 5, 13, 9])
-    dn = torch.tensor([11, 3, 0, 1, 11, 4, 7, 2, 10])
-    expected = brute_force_chamfer(query, qn, database, dn, symmetric)
-    unchunked = function(query, qn, database, dn)
-    assert torch.allclose(unchunked.double(), expected, atol=1e-5)
-    for chunk_size in (1, 7, 11, 60, 200):
-        assert torch.allclose(function(query, qn, database, dn, chunk_size=chunk_size), unchunked, atol=1e-5)
-
-
-def test_chamfer_without_num_frames_uses_all_frames():
-    query, database = torch.randn(2, 5, 8), torch.randn(3, 4, 8)
-    expected = brute_force_chamfer(query, [5, 5], database, [4, 4, 4], False)
-    assert torch.allclose(chamfer_similarity(query, None, database, None).double(), expected, atol=1e-5)
-
-
-def test_video_comparator_shapes_and_comparator_chamfer():
-    comparator = VideoComparator().eval()
-    sim = torch.rand(20, 12)
-    out = comparator(sim)
-    assert out.shape == (5, 3) and out.min() >= 0 and out.max() <= 1
-    batch = torch.rand(2, 20, 12)
-    assert torch.allclose(comparator(batch)[1], comparator(batch[1]))
-    query, qn = torch.randn(2, 16, 8), torch.tensor([16, 9])
-    database, dn = torch.randn(1, 12, 8), torch.tensor([12])
-    with torch.no_grad():
-        got = chamfer_similarity(query, qn, database, dn, comparator=comparator)
-        expected = comparator(query[1, :9] @ database[0].t()).amax(1).mean()
-        assert torch.allclose(got[1, 0], expected)
-        sym = symmetric_chamfer_similarity(query, qn, database, dn, comparator=comparator)
-        reverse = comparator(database[0] @ query[1, :9].t()).amax(1).mean()
-        assert torch.allclose(sym[1, 0], (expected + reverse) / 2)
-
-
-# --------------------------------------------------------------------------
 # import hygiene
 
 def test_import_needs_no_horovod_and_no_cuda_calls():
@@ -527,15 +436,11 @@ def test_import_needs_no_horovod_and_no_cuda_calls():
         assert ".cuda(" not in f.read()
 
 
-def test_chamfer_blocks_bound_the_padding():
-    """Each block of videos padded together has its longest at most
-    CHAMFER_LENGTH_SPREAD times its shortest and fits the frame budget."""
-    from model import CHAMFER_LENGTH_SPREAD, _length_blocks
-    lengths = sorted(torch.randint(1, 300, (200,), generator=torch.Generator().manual_seed(0)).tolist())
-    blocks = list(_length_blocks(torch.arange(len(lengths)), lengths, 4096))
-    assert sum(len(idx) for idx, _ in blocks) == len(lengths)
-    for idx, padded_length in blocks:
-        block = [lengths[i] for i in idx.tolist()]
-        assert padded_length == max(block)
-        assert len(block) == 1 or (max(block) <= CHAMFER_LENGTH_SPREAD * min(block)
-                                   and len(block) * max(block) <= 4096)
+def test_build_model_gives_every_aggregator_with_its_arguments():
+    for aggregator in AGGREGATORS:
+        model = build_model(aggregator, feature_size=C, num_layers=2, num_clusters=4, output_dim=16)
+        assert model.feature_size == C
+        assert model.output_dim == (C if aggregator == "tca" else 16)
+    assert len(build_model("tca", feature_size=C, num_layers=3).transformer_encoder.layers) == 3
+    assert build_model("netvlad", feature_size=C, num_clusters=4, normalize_input=True).normalize_input
+    assert build_model("gru", feature_size=C, num_layers=1, output_dim=16, dropout=0.5).dropout == 0.0

@@ -18,13 +18,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import train
+from data import VCDBPairDataset, collate_pairs
+from model import MoCo, build_model
+from utils import UserError, l2_normalize
 
-import train  # noqa: E402
-from data import VCDBPairDataset, collate_pairs  # noqa: E402
-from model import MoCo  # noqa: E402
-from utils import UserError, l2_normalize  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PYTHON = sys.executable
 HOROVODRUN = os.path.join(os.path.dirname(PYTHON), "horovodrun")
@@ -75,30 +74,23 @@ def synthetic(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp("vcdb")))
 
 
-# Runs train.main() like `python train.py`, then saves each rank's final MoCo
-# state to <model_path>/rank<r>.pth; with KILL_AFTER_EPOCH=k, rank 0 dies
+# Runs train.train() as `python train.py` does, then saves each rank's final
+# MoCo state to <model_path>/rank<r>.pth; with KILL_AFTER_EPOCH=k, rank 0 dies
 # (os._exit, as if killed) right after writing the checkpoint of epoch k.
 RUNNER = """
 import os, sys
 sys.path.insert(0, {repo!r})
 import torch, train, utils
-captured = []
-class CapturingMoCo(train.MoCo):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        captured.append(self)
-train.MoCo = CapturingMoCo
 kill_after = int(os.environ.get("KILL_AFTER_EPOCH", "0"))
-save = utils.atomic_torch_save
-def save_then_die(obj, path):
-    save(obj, path)
-    if kill_after and isinstance(obj, dict) and obj.get("epoch") == kill_after:
+save_checkpoint = train.save_checkpoint
+def save_then_die(model_path, model, optimizer, scheduler, epoch, *rest):
+    save_checkpoint(model_path, model, optimizer, scheduler, epoch, *rest)
+    if epoch == kill_after:
         os._exit(137)
-utils.atomic_torch_save = save_then_die
-sys.argv = ["train.py"] + sys.argv[1:]
-utils.run_main(train.main)
-model_path = sys.argv[sys.argv.index("--model_path") + 1]
-torch.save(captured[0].state_dict(), os.path.join(model_path, "rank%d.pth" % utils.rank()))
+train.save_checkpoint = save_then_die
+args = train.get_args_parser().parse_args()
+model = utils.run_main(lambda: train.train(args))
+torch.save(model.state_dict(), os.path.join(args.model_path, "rank%d.pth" % utils.rank()))
 """
 
 
@@ -232,7 +224,7 @@ def test_every_aggregator_and_loss_takes_a_training_step(synthetic, aggregator, 
         ["-ap", "a", "-fp", "f", "-mp", "m", "--pca_components", str(C), "--aggregator", aggregator,
          "--num_clusters", "4", "--output_dim", "16", "--normalize_input", "--loss", loss])
     torch.manual_seed(0)
-    moco = MoCo(train.build_encoder(args), dim=16, K=12, m=0.5, T=0.1)
+    moco = MoCo(build_model(**train.model_args(args)), dim=16, K=12, m=0.5, T=0.1)
     optimizer = torch.optim.Adam(moco.encoder_q.parameters(), lr=1e-2)
     dataset = VCDBPairDataset(*synthetic, padding_size=6, neg_num=2, feature_size=C)
     a, la, p, lp, n, ln = collate_pairs([dataset[i] for i in range(4)])
@@ -324,6 +316,34 @@ def test_cli_reports_bad_input(tmp_path, synthetic):
     assert result.returncode == 2 and "checkpoint.pth not found" in result.stderr
 
 
+def test_resume_refuses_damaged_or_wrong_checkpoints_in_one_line(tmp_path, synthetic):
+    model_path = tmp_path / "m"
+    model_path.mkdir()
+    checkpoint = model_path / "checkpoint.pth"
+    torch.save({"model": {}, "model_args": {}}, checkpoint)  # a model.pth copied over it
+    cases = {"model.pth": "is not a train.py checkpoint.pth", "empty": "cannot load checkpoint",
+             "garbage": "cannot load checkpoint"}
+    for case, message in cases.items():
+        if case == "empty":
+            checkpoint.write_bytes(b"")
+        elif case == "garbage":
+            checkpoint.write_bytes(b"PK\x03\x04 truncated")
+        result = run(train_command(tmp_path, *synthetic, str(model_path), "--resume"), check=False)
+        assert result.returncode == 2, case
+        assert result.stderr.count("error:") == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_fresh_run_does_not_overwrite_a_finished_model(tmp_path, synthetic):
+    model_path = tmp_path / "m"
+    model_path.mkdir()
+    (model_path / "model.pth").write_bytes(b"a finished model")
+    result = run(train_command(tmp_path, *synthetic, str(model_path)), check=False)
+    assert result.returncode == 2 and "pass --resume to continue that run or --overwrite" in result.stderr
+    assert (model_path / "model.pth").read_bytes() == b"a finished model" and not (model_path / "args.json").exists()
+    run(train_command(tmp_path, *synthetic, str(model_path), "--overwrite", "--epochs", "1"))
+    assert "model_args" in torch.load(model_path / "model.pth", weights_only=True)
+
+
 # --------------------------------------------------------------------------
 # end to end
 
@@ -351,10 +371,11 @@ def test_loss_falls_on_a_learnable_task(tmp_path):
     assert last < 0.8 * first, [r["loss"] for r in epochs]
     for name in ("model.pth", "checkpoint.pth", "args.json"):
         assert os.path.isfile(os.path.join(model_path, name))
-    # model.pth is the query encoder, as evaluation.py loads it
-    encoder = train.build_encoder(train.get_args_parser().parse_args(
-        ["-ap", "a", "-fp", "f", "-mp", "m", "--pca_components", str(C)]))
-    encoder.load_state_dict(torch.load(os.path.join(model_path, "model.pth"), weights_only=True))
+    # model.pth is the query encoder and describes itself, as evaluation.py loads it
+    saved = torch.load(os.path.join(model_path, "model.pth"), weights_only=True)
+    assert saved["model_args"] == {"aggregator": "tca", "feature_size": C, "num_layers": 1, "num_clusters": 256,
+                                   "output_dim": 1024, "normalize_input": False, "dropout": 0.2}
+    build_model(**saved["model_args"]).load_state_dict(saved["model"])
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +399,7 @@ def test_two_horovod_workers_end_with_identical_weights(two_worker_run):
     with open(os.path.join(model_path, "args.json")) as f:
         assert json.load(f)["world_size"] == 2
     # rank 0 wrote model.pth from the same weights
-    model = torch.load(os.path.join(model_path, "model.pth"), weights_only=True)
+    model = torch.load(os.path.join(model_path, "model.pth"), weights_only=True)["model"]
     assert_same_state(model, {k[len("encoder_q."):]: v for k, v in rank0.items() if k.startswith("encoder_q.")})
 
 
@@ -395,6 +416,30 @@ def test_resume_after_kill_equals_uninterrupted_run(two_worker_run):
     for rank in (0, 1):
         assert_same_state(torch.load(os.path.join(model_path, f"rank{rank}.pth"), weights_only=True),
                           torch.load(os.path.join(full_path, f"rank{rank}.pth"), weights_only=True))
+
+
+def test_resume_on_one_rank_rescales_the_learning_rate(two_worker_run):
+    """A 2-rank run resumed by one process continues with the 1-rank learning
+    rate (the base rate times 1, on the same cosine schedule)."""
+    tmp_path, command, full_path, _ = two_worker_run
+    model_path = str(tmp_path / "one_rank")
+    shutil.copytree(full_path, model_path)
+    checkpoint = torch.load(os.path.join(model_path, "checkpoint.pth"), weights_only=True)
+    args = command[command.index("--annotation_path"):]
+    args = [model_path if a == full_path else a for a in args]
+    args[args.index("--epochs") + 1] = "4"
+    # pretend the 2-rank run ended after epoch 2 of 4, then resume on one rank
+    checkpoint["epoch"] = 2
+    checkpoint["scheduler"]["last_epoch"] = 2
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["lr"] = 2e-3 * (1 + math.cos(math.pi * 2 / 4)) / 2
+    torch.save(checkpoint, os.path.join(model_path, "checkpoint.pth"))
+    result = run([PYTHON, command[command.index(PYTHON) + 1], *args, "--resume"])
+    assert "learning rate rescaled x0.5 (2 -> 1 ranks' scale)" in result.stdout
+    with open(os.path.join(model_path, "log.jsonl")) as f:
+        epochs = [json.loads(line) for line in f if '"step"' not in line]
+    assert [r["lr"] for r in epochs[-2:]] == pytest.approx([1e-3 * (1 + math.cos(math.pi * e / 4)) / 2
+                                                            for e in (2, 3)])
 
 
 def test_adasum_over_mpi(tmp_path, synthetic):
