@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -369,3 +370,35 @@ def test_a_non_finite_feature_is_refused_naming_video_and_frame(mini, capsys, tm
                           tmp_path / "f.hdf5", "--baseline", "--device", "cpu"], capsys)
     assert status == 2 and err.count("error:") == 1
     assert err.endswith(f"error: {tmp_path / 'f.hdf5'}: video n3: non-finite feature value at frame 4\n")
+
+
+def test_two_horovod_ranks_equal_one_process(mini, capsys, tmp_path, tca_checkpoint):
+    """Each rank encodes and scores its share of the database; rank 0 gathers,
+    evaluates and writes every output once: the numbers of one process."""
+    path, _ = tca_checkpoint
+    common = ["--dataset", "FIVR-5K", "--annotation_dir", str(mini.root), "--feature_path",
+              str(mini.root / "features.hdf5"), "--model_path", str(path), "--padding_size", "10", "--metric", "all"]
+    status, single_out, err = run(common + ["--save_similarities", tmp_path / "one.npz"], capsys)
+    assert status == 0, err
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    for baseline in (False, True):
+        args = common if not baseline else [a for a in common if a not in ("--model_path", str(path))] + ["--baseline"]
+        if baseline:
+            status, single_out, err = run(args + ["--save_similarities", tmp_path / "one.npz"], capsys)
+            assert status == 0, err
+        proc = subprocess.run([horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
+                               os.path.join(ROOT, "evaluation.py"), *args, "--save_similarities",
+                               str(tmp_path / "two.npz"), "--json_out", str(tmp_path / "two.json")],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        # horovodrun prefixes each line with its rank: "[0]<stdout>:"
+        stdout = re.sub(r"^\[\d+\]<stdout>:", "", proc.stdout, flags=re.M)
+        assert stdout.count("=====") == 2  # one table, printed by rank 0 only
+        for metric in ("cosine", "chamfer", "symmetric_chamfer"):
+            q1, d1, one = evaluation.load_similarities(str(tmp_path / f"one.{metric}.npz"))
+            q2, d2, two = evaluation.load_similarities(str(tmp_path / f"two.{metric}.npz"))
+            assert (q1, d1) == (q2, d2)
+            np.testing.assert_allclose(two, one, atol=1e-6)
+            table = [line for line in stdout.splitlines() if line.split()[:1] == [metric]]
+            assert table == [line for line in single_out.splitlines() if line.split()[:1] == [metric]]
