@@ -35,13 +35,17 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import UserError, available_cores, l2_normalize, load_state_dict, run_main  # noqa: E402
+from utils import UserError, available_cores, l2_normalize, load_state_dict, local_device, run_main  # noqa: E402
+import sharding  # noqa: E402
 from extract_frames import VideoError, decode_frames, read_video_list, write_failures  # noqa: E402
-from h5_writer import ResumableH5Writer  # noqa: E402
+from h5_writer import OutputLock, PartWriter, check_video_ids, file_digest, merge_parts, scan_output  # noqa: E402
+from pca import apply_pca, load_params  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYERS = ("layer1", "layer2", "layer3", "layer4")  # 256 + 512 + 1024 + 2048 = 3840 channels
+FEATURE_DIMS = 3840
+DTYPES = ("float32", "float16")
 # Default frames per forward. On CPUs small batches run faster per frame
 # (measured on 2 cores: batch 8 1.3-1.6x batch 32, depending on the mode);
 # GPUs want large ones.
@@ -294,9 +298,10 @@ def uses_lanes(schedule, device_type):
     return schedule == "lanes" or (schedule == "auto" and device_type == "cpu")
 
 
-def default_workers(lanes):
-    """--workers by default: one lane per core, or 2 decoders beside the CNN."""
-    return available_cores() if lanes else 2
+def default_workers(lanes, local_ranks=1):
+    """--workers by default: one lane per core (of this rank's share of its
+    host's cores under horovodrun), or 2 decoders beside the CNN."""
+    return max(1, available_cores() // local_ranks) if lanes else 2
 
 
 def extract(model, videos, fps=None, workers=2, batch_size=CPU_BATCH_SIZE, device="cpu", channels_last=False,
@@ -319,30 +324,41 @@ def get_args_parser():
                         help="videos to decode: file of 'id<TAB>path' lines (paths relative to the file) "
                              "or a quoted glob pattern with {id}, e.g. 'videos/*/{id}.mp4'")
     source.add_argument("--frames_dir", help="directory of <id>.npy frame files written by extract_frames.py")
-    parser.add_argument("--output", required=True, help="HDF5 file to write, one (T, 3840) dataset per video id")
+    parser.add_argument("--output", required=True,
+                        help="HDF5 file to write, one (T, 3840) dataset per video id ((T, --components) with "
+                             "--pca_params); under horovodrun its directory must be shared by every host")
     parser.add_argument("--feature", choices=sorted(POOLING), default="imac",
                         help="pooling of each layer: iMAC (global max, TCA's default) or upstream's R-MAC")
     parser.add_argument("--fps", type=float, default=1.0, help="frames per second decoded (--video_list only)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="local ResNet-50 state dict (e.g. torchvision's resnet50-0676ba61.pth) "
                                            "instead of downloading the ImageNet weights")
-    weights.add_argument("--random-weights", action="store_true",
+    weights.add_argument("--random_weights", "--random-weights", action="store_true",
                          help="randomly initialised ResNet-50 (seed 0), for offline tests only")
+    parser.add_argument("--pca_params", default=None,
+                        help="PCA parameters (.npz of pca.py --learn): store the PCA-whitened, L2-normalised "
+                             "features, as pca.py --apply would, instead of the 3840-d ones")
+    parser.add_argument("--components", type=int, default=None,
+                        help="with --pca_params: dimensions kept; None: 1024, as pca.py --apply")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="stored precision; float16 halves the file (every reader computes in float32)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="frames per CNN forward, across videos; None: 8 on a CPU (faster there than "
                              "bigger batches), 64 on a GPU")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (0: all in the main process); None: with lanes one per core "
-                             "(each holds its video's frames, ~0.2 MB a frame, and a batch's activations, "
-                             "~0.2 GB at batch 8), with overlap 2")
+                             "(under horovodrun, per core of this rank's share of its host; each lane holds its "
+                             "video's frames, ~0.2 MB a frame, and a batch's activations, ~0.2 GB at batch 8), "
+                             "with overlap 2")
     parser.add_argument("--schedule", choices=SCHEDULES, default="auto",
                         help="lanes (CPU only): each worker decodes a video and runs the CNN on it with one "
                              "thread, so every core alternates between the two; overlap: the workers only decode, "
                              "ahead of the CNN in the main process (for a GPU); auto: lanes on a CPU, overlap on "
                              "a GPU")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device for the CNN")
-    parser.add_argument("--channels-last", action="store_true",
+    parser.add_argument("--device", default=None,
+                        help="torch device for the CNN; None: this rank's local GPU (its local rank under "
+                             "horovodrun) if there is one, else the CPU")
+    parser.add_argument("--channels_last", "--channels-last", action="store_true",
                         help="run the CNN in channels-last memory format (faster convolutions on recent CPUs/GPUs)")
     parser.add_argument("--bf16", action="store_true",
                         help="run the CNN under bfloat16 autocast (pooling stays fp32); faster on CPUs with "
@@ -363,49 +379,113 @@ def list_frame_files(frames_dir):
     return [(os.path.relpath(path, frames_dir)[:-len(".npy")], path) for path in paths]
 
 
+def weights_identity(weights=None, random_weights=False):
+    """What the features depend on in the ResNet-50 weights, as recorded in the output."""
+    if random_weights:
+        return "random:seed0"
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise UserError(f"{weights}: weights file not found")
+        return file_digest(weights)
+    return "torchvision:" + str(torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
+
+
+def stored(features, pca_params=None, dtype="float32"):
+    """What the output holds for a video's (T, 3840) features: them, or
+    their PCA-whitening (pca.py's), at `dtype`."""
+    features = features.numpy()
+    if pca_params is not None:
+        features = apply_pca(features, pca_params)
+    return features.astype(dtype, copy=False)
+
+
 def main():
     args = get_args_parser().parse_args()
-    try:
-        device_type = torch.device(args.device).type
-    except RuntimeError as e:
-        raise UserError(f"--device {args.device}: {e}") from None
+    dist = sharding.start()
+    device = local_device(dist, args.device)
     if args.batch_size is None:
-        args.batch_size = CPU_BATCH_SIZE if device_type == "cpu" else GPU_BATCH_SIZE
-    lanes = uses_lanes(args.schedule, device_type)
+        args.batch_size = CPU_BATCH_SIZE if device.type == "cpu" else GPU_BATCH_SIZE
+    lanes = uses_lanes(args.schedule, device.type)
     if args.workers is None:
-        args.workers = default_workers(lanes)
+        args.workers = default_workers(lanes, dist.local_size)
     if args.fps <= 0 or args.batch_size <= 0 or args.workers < 0:
         raise UserError("--fps and --batch_size must be positive, --workers non-negative")
+    if args.components is not None and args.pca_params is None:
+        raise UserError("--components needs --pca_params")
     if args.video_list is not None:
         videos, fps = read_video_list(args.video_list), args.fps
     else:
         videos, fps = list_frame_files(args.frames_dir), None
+    check_video_ids([video_id for video_id, _ in videos], args.video_list or args.frames_dir)
+    pca_params, width = None, FEATURE_DIMS
+    if args.pca_params is not None:
+        pca_params = load_params(args.pca_params, args.components or 1024)
+        if len(pca_params["mu"]) != FEATURE_DIMS:
+            raise UserError(f"{args.pca_params}: a PCA of {len(pca_params['mu'])}-d features, "
+                            f"not of the {FEATURE_DIMS}-d ResNet-50 {args.feature}")
+        width = pca_params["U"].shape[1]
+    # what changes the stored features; pca.py --apply records the same keys
+    settings = {"fps": fps if fps is not None else "frames_dir", "feature": args.feature,
+                "weights": weights_identity(args.weights, args.random_weights), "bf16": args.bf16,
+                "channels_last": args.channels_last, "components": width, "dtype": args.dtype,
+                "pca_params": file_digest(args.pca_params) if args.pca_params else "none"}
     failures_path = args.failures or args.output + ".failures.tsv"
 
-    writer = ResumableH5Writer(args.output, args.checkpoint_every)
-    todo = [(video_id, path) for video_id, path in videos if video_id not in writer]
-    print(f"{len(videos)} videos, {len(videos) - len(todo)} already done, {len(todo)} to extract")
-    model = build_extractor(args.feature, args.weights, args.random_weights, args.device, args.channels_last)
+    lock = OutputLock(args.output)
 
-    start, num_frames, failures = time.time(), 0, []
-    with writer, tqdm(total=len(todo), unit="video") as bar:
-        for video_id, path, features, error in extract(model, todo, fps, args.workers, args.batch_size, args.device,
-                                                       args.channels_last, args.bf16, args.schedule):
-            if error is not None:
-                tqdm.write(f"skipping {video_id} ({path}): {error}", file=sys.stderr)
-                failures.append((video_id, path, error))
-            else:
-                writer.add(video_id, features.numpy())
-                num_frames += len(features)
-            bar.update()
-            bar.set_postfix(frames_per_s=f"{num_frames / (time.time() - start):.1f}")
+    def prepare():  # rank 0: one writer per output, then what is already done
+        lock.acquire()
+        try:
+            return lock.holder, scan_output(args.output, settings)
+        except BaseException:
+            lock.release()
+            raise
 
-    elapsed = time.time() - start
+    holder, done = sharding.on_rank0(dist, prepare)
+    try:
+        sharding.check_shared_directory(dist, lock.path, holder)
+        todo = [(video_id, path) for video_id, path in videos if video_id not in done]
+        mine = sharding.share(todo, dist)
+        if dist.rank == 0:
+            print(f"{len(videos)} videos, {len(videos) - len(todo)} already done, {len(todo)} to extract"
+                  + (f" by {dist.size} ranks" if dist.size > 1 else ""), flush=True)
+        model = build_extractor(args.feature, args.weights, args.random_weights, device, args.channels_last)
+
+        writer = PartWriter(args.output, settings, args.checkpoint_every, dist.rank)
+        start, num_frames, failures = time.time(), 0, []
+        try:
+            with tqdm(total=len(mine), unit="video", disable=dist.rank != 0) as bar:
+                for video_id, path, features, error in extract(model, mine, fps, args.workers, args.batch_size,
+                                                               device, args.channels_last, args.bf16,
+                                                               args.schedule):
+                    if error is not None:
+                        tqdm.write(f"skipping {video_id} ({path}): {error}", file=sys.stderr)
+                        failures.append((video_id, path, error))
+                    else:
+                        writer.add(video_id, stored(features, pca_params, args.dtype))
+                        num_frames += len(features)
+                    bar.update()
+                    bar.set_postfix(frames_per_s=f"{num_frames / (time.time() - start):.1f}")
+        finally:
+            writer.flush()  # also when interrupted: the finished videos are kept
+        ranks = sharding.gather(dist, (writer.written, failures, num_frames))
+        if dist.rank != 0:
+            return
+        elapsed = time.time() - start
+        sharding.check_parts_visible([part for parts, _, _ in ranks for part in parts])
+        merge_parts(args.output, settings)
+        merge_time = time.time() - start - elapsed
+    finally:
+        lock.release()
+
+    order = {video_id: i for i, (video_id, _) in enumerate(videos)}
+    failures = sorted((failure for _, failures, _ in ranks for failure in failures), key=lambda f: order[f[0]])
+    num_frames = sum(frames for _, _, frames in ranks)
     write_failures(failures_path, failures)
     print(f"extracted {len(todo) - len(failures)} videos ({num_frames} frames, "
           f"{num_frames / max(elapsed, 1e-9):.1f} frames/s) into {args.output}, "
           f"skipped {len(videos) - len(todo)} already done, failed {len(failures)}"
-          + (f" (listed in {failures_path})" if failures else ""))
+          + (f" (listed in {failures_path})" if failures else "") + f"; merged in {merge_time:.1f} s")
 
 
 if __name__ == "__main__":

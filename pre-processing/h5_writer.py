@@ -4,20 +4,34 @@ id, written so that killing the process at any moment loses at most the last
 
 HDF5 files are not crash-safe while open for writing, so finished videos are
 not appended to OUT.h5 in place. They go into small part files
-(OUT.h5.parts/part-000001.h5, ...), each written under a temporary name and
-renamed once complete. A re-run reads which ids OUT.h5 and the parts already
+(OUT.h5.parts/part-RRRR-NNNNNN.h5, RRRR the writing rank under horovodrun, 0
+otherwise), each written under a temporary name and renamed once complete. A
+re-run, with any number of ranks, reads which ids OUT.h5 and the parts already
 hold and skips them. At the end, OUT.h5 and the parts are merged into a new
 OUT.h5 (again written, then renamed) and the parts are removed.
+
+Every file records, as HDF5 attributes of its root group, the settings that
+change its features (fps, weights, PCA, dtype, ...): a re-run with other
+settings is refused instead of mixing two kinds of features in one file. One
+run at a time writes an output: it holds OUT.h5.lock, which names its PID.
 """
+import contextlib
+import fcntl
 import glob
+import hashlib
 import os
+import re
+import socket
 import sys
 import time
 
 import h5py
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import UserError, atomic_path, open_features  # noqa: E402
+
+PART_PATTERN = re.compile(r"part-(\d{4})-(\d{6})\.h5")
 
 
 def dataset_names(h5file):
@@ -28,67 +42,244 @@ def dataset_names(h5file):
     return names
 
 
+def check_video_ids(ids, source):
+    """Refuse, up front and in one line, ids HDF5 cannot store as given: an id
+    is a path of groups, so `x` cannot sit beside `x/y`, and `.`, `a/./b`,
+    `a/`, `a//b`, `./a` are not names (h5py normalises or rejects them, so a
+    re-run would never find them)."""
+    ids = list(ids)
+    bad = [i for i in ids if any(part in ("", ".", "..") for part in i.split("/"))]
+    groups = {i[:k] for i in ids for k in range(len(i)) if i[k] == "/"}
+    bad += [i for i in ids if i in groups]
+    if bad:
+        shown = ", ".join(repr(i) for i in sorted(set(bad))[:10]) + (", ..." if len(set(bad)) > 10 else "")
+        raise UserError(f"{source}: video ids HDF5 cannot store: {shown} (an id is a '/'-separated path of "
+                        "non-empty names other than '.' and '..', and no id may be a folder of another)")
+
+
+# --------------------------------------------------------------------------
+# the settings an output was made with
+
+def file_digest(path):
+    """'sha256:' and the first 16 hex digits of the file's SHA-256: names a
+    weights or PCA file by its content, not its path."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def read_settings(h5file):
+    """The settings recorded in an open file's root attributes, as plain Python values."""
+    return {key: value.item() if isinstance(value, np.generic) else value for key, value in h5file.attrs.items()}
+
+
+def check_settings(path, recorded, settings):
+    """Refuse a file made with other settings, naming the first difference by
+    the flag that sets it: 'OUT.h5: was made with --fps 1, not 2'."""
+    def show(value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    for key in sorted(set(recorded) | set(settings)):
+        old, new = recorded.get(key), settings.get(key)
+        if old == new:
+            continue
+        if old is None:
+            raise UserError(f"{path}: records no --{key} (an older version or another program wrote it); "
+                            "write to a new file")
+        if isinstance(old, bool) or isinstance(new, bool):
+            raise UserError(f"{path}: was made {'with' if old else 'without'} --{key}, "
+                            f"not {'with' if new else 'without'}")
+        raise UserError(f"{path}: was made with --{key} {show(old)}, not {show(new) if new is not None else 'none'}")
+
+
+def write_settings(h5file, settings):
+    for key, value in settings.items():
+        h5file.attrs[key] = value
+
+
+# --------------------------------------------------------------------------
+# one writer per output
+
+class OutputLock:
+    """OUT.h5.lock, held by one run: a POSIX lock on the file, which holds
+    'PID HOST'. The kernel releases the lock when its process dies, so the
+    lock of a killed run is simply taken over; a live holder is named."""
+
+    def __init__(self, output):
+        self.path = os.fspath(output) + ".lock"
+        self.holder = f"{os.getpid()} {socket.gethostname()}"
+        self._fd = None
+
+    def acquire(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise UserError(f"{self.path}: cannot create the lock file ({e.strerror})") from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode(errors="replace").split()
+                os.close(fd)
+                pid, host = (holder + ["?", "?"])[:2]
+                raise UserError(f"{self.path[:-5]}: being written by another run (PID {pid} on {host}, "
+                                f"holding {self.path}); wait for it to end or stop it") from None
+            # the previous holder may have removed the file between our open and lock: lock the file at the path
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, (self.holder + "\n").encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self):
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)  # before the unlock, so no one locks a file that is going away
+        os.close(self._fd)  # releases the lock
+        self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+# --------------------------------------------------------------------------
+# parts, scan and merge
+
+def part_paths(output):
+    """The finished part files of `output`, every rank's, in name order."""
+    parts_dir = os.fspath(output) + ".parts"
+    return sorted(path for path in glob.glob(os.path.join(parts_dir, "part-*.h5"))
+                  if PART_PATTERN.fullmatch(os.path.basename(path)))
+
+
+def scan_output(output, settings):
+    """Prepare `output` for a (resumed) run, under its lock: remove the
+    temporaries a killed run left, refuse an output or part made with other
+    settings, and return the set of ids already done."""
+    output = os.fspath(output)
+    if os.path.exists(output) and not os.path.isfile(output):
+        raise UserError(f"{output}: exists and is not a file")
+    # atomic_path names its temporaries '.<name>.<random>.tmp'
+    directory = os.path.dirname(os.path.abspath(output))
+    stale = glob.glob(os.path.join(directory, "." + os.path.basename(output) + ".*.tmp"))
+    stale += glob.glob(os.path.join(output + ".parts", ".part-*.tmp"))
+    for path in stale:
+        os.remove(path)
+    done = set()
+    for path in ([output] if os.path.exists(output) else []) + part_paths(output):
+        with open_features(path) as f:
+            check_settings(path, read_settings(f), settings)
+            done.update(dataset_names(f))
+    return done
+
+
+class PartWriter:
+    """Buffers (video_id, array) pairs and writes them as this rank's next
+    part file every `checkpoint_every` seconds (and on flush)."""
+
+    def __init__(self, output, settings, checkpoint_every=60.0, rank=0):
+        self.parts_dir = os.fspath(output) + ".parts"
+        self.settings, self.checkpoint_every, self.rank = settings, checkpoint_every, rank
+        mine = [PART_PATTERN.fullmatch(os.path.basename(p)) for p in part_paths(output)]
+        self._number = max([int(m.group(2)) for m in mine if int(m.group(1)) == rank], default=0)
+        self.written = []  # the parts this writer wrote
+        self._buffer = {}
+        self._last_write = time.monotonic()
+
+    def add(self, video_id, array):
+        self._buffer[video_id] = array
+        if time.monotonic() - self._last_write >= self.checkpoint_every:
+            self.flush()
+
+    def flush(self):
+        if self._buffer:
+            os.makedirs(self.parts_dir, exist_ok=True)
+            self._number += 1
+            path = os.path.join(self.parts_dir, f"part-{self.rank:04d}-{self._number:06d}.h5")
+            with atomic_path(path) as tmp:
+                with h5py.File(tmp, "w") as f:
+                    write_settings(f, self.settings)
+                    for video_id, array in self._buffer.items():
+                        f.create_dataset(video_id, data=array)
+            self.written.append(path)
+            self._buffer = {}
+        self._last_write = time.monotonic()
+
+
+def merge_parts(output, settings):
+    """Merge `output` and every part into a new `output`, then remove the parts."""
+    output = os.fspath(output)
+    parts = part_paths(output)
+    if not parts:
+        return
+    sources = ([output] if os.path.exists(output) else []) + parts
+    with atomic_path(output) as tmp, h5py.File(tmp, "w") as merged:
+        write_settings(merged, settings)
+        for source in sources:
+            with open_features(source) as f:
+                check_settings(source, read_settings(f), settings)
+                for name in dataset_names(f):
+                    if name not in merged:  # a part already merged before a kill
+                        merged.create_dataset(name, data=f[name][()])
+    for part in parts:
+        os.remove(part)
+    os.rmdir(output + ".parts")
+
+
 class ResumableH5Writer:
-    """Collects (video_id, array) pairs into `output`.
+    """Collects (video_id, array) pairs into `output`, in one process: takes
+    the output's lock, refuses an output made with other `settings` (a dict
+    of flag name -> value, recorded in every file), skips nothing itself but
+    answers `video_id in writer` for what is done.
 
     Use as a context manager: a clean exit merges everything into `output`;
     an exception (including KeyboardInterrupt) only saves the finished videos,
     for the next run to pick up.
     """
 
-    def __init__(self, output, checkpoint_every=60.0):
+    def __init__(self, output, checkpoint_every=60.0, settings=None):
         self.output = os.fspath(output)
-        self.parts_dir = self.output + ".parts"
-        self.checkpoint_every = checkpoint_every
-        self._remove_stale_temporaries()
-        self.done = set()  # ids already on disk or buffered
-        if os.path.exists(self.output):
-            with open_features(self.output) as f:
-                self.done.update(dataset_names(f))
-        for part in self._parts():
-            with open_features(part) as f:
-                self.done.update(dataset_names(f))
-        self._buffer = {}
-        self._last_write = time.time()
+        self.settings = dict(settings or {})
+        self._lock = OutputLock(self.output).acquire()
+        try:
+            self.done = scan_output(self.output, self.settings)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._parts = PartWriter(self.output, self.settings, checkpoint_every)
 
     def __contains__(self, video_id):
         return video_id in self.done
 
     def add(self, video_id, array):
-        self._buffer[video_id] = array
         self.done.add(video_id)
-        if time.time() - self._last_write >= self.checkpoint_every:
-            self.flush()
+        self._parts.add(video_id, array)
 
     def flush(self):
-        """Write the buffered videos as a new part file."""
-        if self._buffer:
-            os.makedirs(self.parts_dir, exist_ok=True)
-            parts = self._parts()
-            number = int(os.path.basename(parts[-1])[5:11]) + 1 if parts else 1
-            with atomic_path(os.path.join(self.parts_dir, f"part-{number:06d}.h5")) as tmp:
-                with h5py.File(tmp, "w") as f:
-                    for video_id, array in self._buffer.items():
-                        f.create_dataset(video_id, data=array)
-            self._buffer = {}
-        self._last_write = time.time()
+        self._parts.flush()
 
     def close(self):
         """Flush, then merge `output` and the parts into a new `output`."""
-        self.flush()
-        parts = self._parts()
-        if not parts:
-            return
-        sources = ([self.output] if os.path.exists(self.output) else []) + parts
-        with atomic_path(self.output) as tmp, h5py.File(tmp, "w") as merged:
-            for source in sources:
-                with open_features(source) as f:
-                    for name in dataset_names(f):
-                        if name not in merged:  # a part already merged before a kill
-                            merged.create_dataset(name, data=f[name][()])
-        for part in parts:
-            os.remove(part)
-        os.rmdir(self.parts_dir)
+        try:
+            self.flush()
+            merge_parts(self.output, self.settings)
+        finally:
+            self._release()
 
     def __enter__(self):
         return self
@@ -97,19 +288,11 @@ class ResumableH5Writer:
         if exc_type is None:
             self.close()
         else:
-            self.flush()
+            try:
+                self.flush()
+            finally:
+                self._release()
         return False
 
-    def _parts(self):
-        return sorted(glob.glob(os.path.join(self.parts_dir, "part-[0-9][0-9][0-9][0-9][0-9][0-9].h5")))
-
-    def _remove_stale_temporaries(self):
-        # atomic_path names its temporaries '.<name>.<random>.tmp'; a killed
-        # run leaves them behind
-        directory = os.path.dirname(os.path.abspath(self.output))
-        stale = glob.glob(os.path.join(directory, "." + os.path.basename(self.output) + ".*.tmp"))
-        stale += glob.glob(os.path.join(self.parts_dir, ".part-*.tmp"))
-        for path in stale:
-            os.remove(path)
-        if os.path.exists(self.output) and not os.path.isfile(self.output):
-            raise UserError(f"{self.output}: exists and is not a file")
+    def _release(self):
+        self._lock.release()

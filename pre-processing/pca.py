@@ -21,7 +21,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from utils import UserError, atomic_path, l2_normalize, open_features, run_main  # noqa: E402
-from h5_writer import ResumableH5Writer, dataset_names  # noqa: E402
+from h5_writer import ResumableH5Writer, dataset_names, file_digest, read_settings  # noqa: E402
 
 MIN_EIGENVALUE = 1e-9  # upstream's floor, so whitening never divides by zero
 
@@ -116,6 +116,8 @@ def get_args_parser():
     parser.add_argument("--seed", type=int, default=0, help="--learn: seed of the frame sampling")
     parser.add_argument("--output", help="--apply: HDF5 file to write, one (T, components) dataset per video id")
     parser.add_argument("--components", type=int, default=1024, help="--apply: output dimensions (--learn reports the share of variance they keep)")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                        help="--apply: stored precision; float16 halves the file (every reader computes in float32)")
     parser.add_argument("--checkpoint_every", type=float, default=60.0,
                         help="--apply: seconds between saves of finished videos; a killed run loses at most this")
     return parser
@@ -154,22 +156,27 @@ def learn(args):
 def apply(args):
     if args.output is None:
         raise UserError("--apply needs --output")
+    if os.path.exists(args.output) and os.path.exists(args.apply) and os.path.samefile(args.output, args.apply):
+        raise UserError(f"--output {args.output} is the --apply input: write the whitened features to another file")
     params = load_params(args.params, args.components)
     start, num_frames = time.time(), 0
     with open_features(args.apply) as f:
         names = dataset_names(f)
-        with ResumableH5Writer(args.output, args.checkpoint_every) as writer:
+        # the input's settings (fps, weights, ...: extract_features.py's) and the whitening's
+        settings = dict(read_settings(f), pca_params=file_digest(args.params), components=params["U"].shape[1],
+                        dtype=args.dtype)
+        with ResumableH5Writer(args.output, args.checkpoint_every, settings) as writer:
             todo = [name for name in names if name not in writer]
             print(f"{len(names)} videos, {len(names) - len(todo)} already done, {len(todo)} to whiten")
             for name in tqdm(todo, unit="video"):
-                features = f[name][()]
+                features = f[name]
                 if features.ndim != 2 or features.shape[1] != len(params["mu"]):
                     raise UserError(f"{args.apply}: {name} has shape {features.shape}, "
                                     f"the PCA expects (T, {len(params['mu'])})")
-                writer.add(name, apply_pca(features, params))
+                writer.add(name, apply_pca(features[()], params).astype(args.dtype, copy=False))
                 num_frames += len(features)
     print(f"whitened {len(todo)} videos ({num_frames} frames, {time.time() - start:.1f} s) "
-          f"to {args.components} dimensions into {args.output}")
+          f"to {params['U'].shape[1]} dimensions into {args.output}")
 
 
 def main():

@@ -1,0 +1,102 @@
+"""extract_features.py under `horovodrun`: which rank extracts which video,
+and the few points where the ranks wait for each other (start, end).
+
+    horovodrun -np 4 -H host1:2,host2:2 python pre-processing/extract_features.py --video_list l.tsv --output o.h5
+
+Rank 0 takes the output's lock and reads what is already done; the remaining
+videos are shared out by file size, largest first, each to the rank with the
+least work so far, so the ranks finish together. Each rank writes its own
+part files next to the output, and rank 0 merges them when every rank is
+done: the output's directory must be one filesystem that every host sees.
+A plain `python extract_features.py` is a world of one and starts no Horovod.
+"""
+import os
+import socket
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import Distributed, UserError, balanced_owners, init_distributed  # noqa: E402
+
+# set by horovodrun's Gloo launcher, by mpirun (Open MPI) and by MPICH / Intel MPI
+LAUNCHER_RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def start():
+    """Horovod's world under horovodrun, a world of one otherwise."""
+    if not any(name in os.environ for name in LAUNCHER_RANK_VARIABLES):
+        return Distributed(None, 0, 1, 0, 1)
+    # ranks meet only at the start and the end, possibly minutes apart: that is no stall
+    os.environ.setdefault("HOROVOD_STALL_CHECK_DISABLE", "1")
+    return init_distributed()
+
+
+def _stop(dist, message):
+    # rank 0 says it once; the others leave quietly with the same status
+    if dist.rank == 0:
+        raise UserError(message)
+    raise SystemExit(2)
+
+
+def on_rank0(dist, function):
+    """function() run on rank 0 only; its result, or its UserError, reaches every rank."""
+    if dist.size == 1:
+        return function()
+    result, error = None, None
+    if dist.rank == 0:
+        try:
+            result = function()
+        except UserError as e:
+            error = str(e)
+    result, error = dist.hvd.broadcast_object((result, error), root_rank=0)
+    if error is not None:
+        _stop(dist, error)
+    return result
+
+
+def gather(dist, value):
+    """[value of rank 0, value of rank 1, ...] on every rank; waits for all of them."""
+    return [value] if dist.size == 1 else dist.hvd.allgather_object(value)
+
+
+def agree(dist, error):
+    """Every rank stops if any rank met an error (None: none did)."""
+    errors = [e for e in gather(dist, error) if e is not None]
+    if errors:
+        _stop(dist, errors[0])
+
+
+def check_shared_directory(dist, lock_path, holder):
+    """Every rank must see the lock file rank 0 holds (its content:
+    `holder`), or rank 0 could not merge the parts they write."""
+    if dist.size == 1:
+        return
+    error = None
+    if dist.rank != 0:
+        try:
+            with open(lock_path) as f:
+                seen = f.read().strip()
+        except OSError:
+            seen = None
+        if seen != holder:
+            error = (f"rank {dist.rank} on {socket.gethostname()} cannot see {lock_path}, which rank 0 holds: "
+                     "every rank must write the output's directory on one shared filesystem")
+    agree(dist, error)
+
+
+def check_parts_visible(parts):
+    """Rank 0, before merging: the part files every rank wrote are there."""
+    missing = [path for path in parts if not os.path.exists(path)]
+    if missing:
+        raise UserError(f"rank 0 on {socket.gethostname()} cannot see {missing[0]} (and {len(missing) - 1} other "
+                        "parts) that another rank wrote: every rank must write the output's directory on one "
+                        "shared filesystem; the parts are kept where they were written")
+
+
+def share(videos, dist):
+    """This rank's part of `videos` [(id, path)], balanced by file size
+    (largest first, to the least loaded rank), in list order."""
+    if dist.size == 1:
+        return list(videos)
+    sizes = [os.path.getsize(path) if os.path.isfile(path) else 0 for _, path in videos]
+    owners = balanced_owners(sizes, dist.size)
+    return [video for video, owner in zip(videos, owners) if owner == dist.rank]
