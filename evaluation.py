@@ -337,22 +337,23 @@ def encode_videos(model, features, keys, lengths, *, video_level=True, frame_lev
                 chunk_frames = torch.tensor([len(c) for c in chunks], device=device)
                 if model is None or frame_level:
                     padded, chunk_frames = pad_sequences(chunks, device=device)  # (K, T, C), (K,)
+                if model is None:  # baseline: the mean frame, the frames themselves
+                    chunk_embeddings = padded.sum(1) / chunk_frames.unsqueeze(1) if video_level else None  # (K, C)
+                    encoded = l2_normalize(padded) if frame_level else None
+                elif video_level and frame_level:  # one pass of the model for both
+                    chunk_embeddings, encoded = model.forward_and_encode(padded.transpose(1, 2), chunk_frames)
+                elif video_level:  # the aggregators take the list itself (TCA without a padded copy)
+                    chunk_embeddings = model(chunks)  # (K, C')
+                else:
+                    encoded = model.encode(padded.transpose(1, 2), chunk_frames)  # (K, T, C') or (K, clusters, C')
                 if video_level:
-                    if model is None:  # baseline: the mean frame
-                        chunk_embeddings = padded.sum(1) / chunk_frames.unsqueeze(1)  # (K, C)
-                    else:  # the aggregators take the list itself (TCA without a padded copy)
-                        chunk_embeddings = model(chunks)  # (K, C')
                     # length-weighted mean of the chunks, then L2-normalised (one chunk: unchanged)
                     weights = chunk_frames.unsqueeze(1).to(chunk_embeddings.dtype)
                     summed = chunk_embeddings.new_zeros(len(batch), chunk_embeddings.shape[1])
                     embeddings = l2_normalize(summed.index_add_(0, owner, chunk_embeddings * weights))
                 if frame_level:
-                    if model is None:
-                        encoded = l2_normalize(padded)
-                    else:
-                        encoded = model.encode(padded.transpose(1, 2), chunk_frames)  # (K, T, C') or (K, clusters, C')
-                        if not encodes_frames:
-                            chunk_frames = torch.full_like(chunk_frames, encoded.shape[1])
+                    if not encodes_frames:  # the VLADs: one descriptor per cluster
+                        chunk_frames = torch.full_like(chunk_frames, encoded.shape[1])
                     per_video = [[] for _ in batch]
                     for k, j in enumerate(owner.tolist()):
                         per_video[j].append(encoded[k, :chunk_frames[k]])

@@ -211,6 +211,16 @@ class TCA(nn.Module):
         frames, _ = self.frame_features(x, num_frames)
         return l2_normalize(frames)  # zero frames stay zero
 
+    def forward_and_encode(self, x, num_frames=None):
+        """(forward, encode) of x (N, C, T) from one pass of the Transformer:
+        (N, output_dim) and (N, T, C), what TCA_c and TCA_f need together."""
+        frames, frame_mask = self.frame_features(x, num_frames)
+        if self.pooling == 'netvlad':
+            video = self.netvlad(frames.transpose(1, 2), frame_mask.sum(1))
+        else:
+            video = l2_normalize(_masked_mean(frames, frame_mask))
+        return video, l2_normalize(frames)
+
 
 def _self_attention(attn, tokens, num_frames, training):
     """nn.MultiheadAttention `attn` (its in_proj/out_proj weights and dropout)
@@ -292,6 +302,11 @@ class NetVLAD(nn.Module):
             return _encode_list(self, x, crop=False)
         return self.residuals(x, num_frames)
 
+    def forward_and_encode(self, x, num_frames=None):
+        """(forward, encode) of x (N, C, T) from one computation of the residuals."""
+        vlad = self.residuals(x, num_frames)
+        return _gated_embedding(self, vlad.flatten(1)), vlad
+
 
 def _add_gated_head(m, vlad_size, output_dim, drop_rate, gating_reduction):
     """The VLADs' head modules, under upstream's names: BN, dropout, fc1 + BN,
@@ -368,6 +383,11 @@ class NeXtVLAD(nn.Module):
             return _encode_list(self, x, crop=False)
         return self.residuals(x, num_frames)
 
+    def forward_and_encode(self, x, num_frames=None):
+        """(forward, encode) of x (N, C, T) from one computation of the residuals."""
+        vlad = self.residuals(x, num_frames)
+        return _gated_embedding(self, vlad.flatten(1)), vlad
+
 
 # --------------------------------------------------------------------------
 # recurrent baselines
@@ -411,6 +431,11 @@ class _RecurrentModule(nn.Module):
         if isinstance(x, (list, tuple)):
             return _encode_list(self, x)
         return l2_normalize(self.frame_features(x, num_frames)[0])  # (N, T, nhid)
+
+    def forward_and_encode(self, x, num_frames=None):
+        """(forward, encode) of x (N, C, T) from one pass of the recurrence."""
+        frames, frame_mask = self.frame_features(x, num_frames)
+        return l2_normalize(_masked_mean(frames, frame_mask)), l2_normalize(frames)
 
 
 class LSTMModule(_RecurrentModule):

@@ -321,8 +321,8 @@ def test_metric_all_equals_three_single_metric_runs(mini, capsys, tmp_path, tca_
         assert status == 0, err
         _, _, alone = evaluation.load_similarities(str(tmp_path / "one.npz"))
         _, _, combined = evaluation.load_similarities(str(tmp_path / f"all.{metric}.npz"))
-        np.testing.assert_array_equal(combined, alone)
-        assert together[metric] == json.loads((tmp_path / "one.json").read_text())
+        np.testing.assert_allclose(combined, alone, atol=1e-6)  # one model pass for both: same to rounding
+        assert together[metric] == pytest.approx(json.loads((tmp_path / "one.json").read_text()), abs=1e-6)
 
 
 def test_unknown_metric_is_one_line(mini, capsys, tca_checkpoint):

@@ -444,3 +444,13 @@ def test_build_model_gives_every_aggregator_with_its_arguments():
     assert len(build_model("tca", feature_size=C, num_layers=3).transformer_encoder.layers) == 3
     assert build_model("netvlad", feature_size=C, num_clusters=4, normalize_input=True).normalize_input
     assert build_model("gru", feature_size=C, num_layers=1, output_dim=16, dropout=0.5).dropout == 0.0
+
+
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_forward_and_encode_equals_forward_and_encode(name):
+    model = build_model(name, feature_size=C, num_layers=2, num_clusters=4, output_dim=16).eval()
+    x, n = padded([torch.randn(6, C), torch.randn(3, C)], 8)
+    with torch.no_grad():
+        video, frames = model.forward_and_encode(x, n)
+        assert torch.allclose(video, model(x, n), atol=1e-6)
+        assert torch.allclose(frames, model.encode(x, n), atol=1e-6)
