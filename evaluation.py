@@ -122,7 +122,9 @@ def load_similarities(path):
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".json":
-            return _similarities_from_json(path)
+            queries, database, similarities = _similarities_from_json(path)
+            _check_scores(path, queries, database, similarities)
+            return queries, database, similarities
         if ext == ".npz":
             with np.load(path, allow_pickle=False) as f:
                 queries, database, similarities = f["queries"], f["database"], f["similarities"]
@@ -144,15 +146,29 @@ def load_similarities(path):
     if similarities.shape != (len(queries), len(database)) or not np.issubdtype(similarities.dtype, np.floating):
         raise UserError(f"{path}: 'similarities' must be a float array of shape "
                         f"({len(queries)}, {len(database)}), got {similarities.dtype} {similarities.shape}")
+    _check_scores(path, queries, database, similarities)
     return queries, database, similarities
+
+
+def _unique_keys(pairs):
+    """object_pairs_hook: a JSON object listing a key twice is an error, not
+    the silent last-one-wins of json.load."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise UserError(f"lists {duplicate!r} twice in one object")
+    return result
 
 
 def _similarities_from_json(path):
     try:
         with open(path) as f:
-            results = json.load(f)
+            results = json.load(f, object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     if not isinstance(results, dict) or not all(isinstance(r, dict) for r in results.values()):
         raise UserError(f"{path}: expected a JSON object {{query: {{video: score}}}}")
     # columns: the videos in order of first appearance (usually every query lists the same ones)
@@ -163,13 +179,24 @@ def _similarities_from_json(path):
                 column_of.setdefault(video, len(column_of))
         previous = res.keys()
     similarities = np.full((len(results), len(column_of)), np.nan)
-    for i, res in enumerate(results.values()):
-        try:
-            columns = np.fromiter(map(column_of.__getitem__, res), np.int64, len(res))
-            similarities[i, columns] = np.fromiter(res.values(), np.float64, len(res))
-        except (TypeError, ValueError):
-            raise UserError(f"{path}: scores must be numbers") from None
+    for i, (query, res) in enumerate(results.items()):
+        bad = next((v for v, s in res.items() if type(s) not in (int, float)), None)  # not bool, not "0.9"
+        if bad is not None:
+            raise UserError(f"{path}: query {query}, video {bad}: score {res[bad]!r} is not a number")
+        columns = np.fromiter(map(column_of.__getitem__, res), np.int64, len(res))
+        similarities[i, columns] = np.fromiter(res.values(), np.float64, len(res))
     return list(results), list(column_of), similarities
+
+
+def _check_scores(path, queries, database, similarities):
+    """NaN means "not computed"; an infinite score, or a file with no score
+    at all, is an error naming the file (and the pair)."""
+    infinite = np.isinf(similarities)
+    if infinite.any():
+        i, j = np.argwhere(infinite)[0]
+        raise UserError(f"{path}: query {queries[i]}, video {database[j]}: score {similarities[i, j]} is not finite")
+    if similarities.size and np.isnan(similarities).all():
+        raise UserError(f"{path}: every score is NaN (not computed)")
 
 
 def save_similarities(path, queries, database, similarities):

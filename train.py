@@ -229,10 +229,7 @@ def restart_from_checkpoint(path, model, optimizer, scheduler, args, lr_scaler, 
     (lr_scaler: the new scale, see lr_scale)."""
     if not os.path.isfile(path):
         raise UserError(f"--resume: {path} not found")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises many kinds for a damaged file
-        raise UserError(f"--resume: {path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+    checkpoint = utils.load_torch_file(path, map_location=device)
     if not isinstance(checkpoint, dict) or not {"moco", "optimizer", "scheduler", "epoch", "args"} <= checkpoint.keys():
         raise UserError(f"--resume: {path} is not a train.py checkpoint.pth (a model.pth copied over it?)")
     for flag in RESUME_FLAGS:

@@ -144,18 +144,30 @@ class _RefusedGlobal(pickle.UnpicklingError):
     pass
 
 
+def _from_container(cls):
+    """cls(iterable) for an already built container only: protocol-2 pickles
+    rebuild sets as set([...]); anything else (set(10**13), bytes(10**13))
+    could allocate without bound."""
+    def build(*args):
+        if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, set, frozenset, dict))):
+            raise _RefusedGlobal(f"refusing {cls.__name__}() of {type(args[-1]).__name__}: only plain data is allowed")
+        return cls(*args)
+    return build
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
     """Unpickler that builds only plain data: dict, list, set, frozenset,
-    tuple, str, bytes, numbers, bool and None. Those are built by pickle
-    opcodes without looking up any global, so any global is refused."""
+    tuple, str, bytes, numbers, bool and None. Pickle opcodes build all of
+    them but sets in protocol 2 (set([...])), so the only globals are the
+    container constructors, and they only take a container."""
 
-    _ALLOWED = {("builtins", name) for name in
-                ("dict", "list", "set", "frozenset", "tuple", "str", "bytes",
-                 "int", "float", "complex", "bool")}
+    _CONTAINERS = {("builtins", name): cls for name, cls in
+                   (("set", set), ("frozenset", frozenset), ("list", list), ("tuple", tuple), ("dict", dict))}
 
     def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
+        module = "builtins" if module == "__builtin__" else module  # Python 2 pickles
+        if (module, name) in self._CONTAINERS:
+            return _from_container(self._CONTAINERS[module, name])
         raise _RefusedGlobal(f"refusing to load {module}.{name}: only plain data is allowed")
 
 
@@ -178,6 +190,19 @@ def load_pickle(path):
         raise UserError(f"{path}: malformed pickle ({type(e).__name__}: {e})") from None
 
 
+def load_torch_file(path, map_location="cpu"):
+    """torch.load with `weights_only=True` (no code runs); a missing, empty,
+    truncated or foreign file is one UserError naming it."""
+    import torch
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many kinds for a bad file
+        raise UserError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a model checkpoint with `weights_only=True`: returns (state_dict,
     model_args). model_args is the dict of build_model arguments a
@@ -186,13 +211,7 @@ def load_checkpoint(path, map_location="cpu"):
     'model_state_dict'. The 'module.' prefix of DataParallel/DDP
     checkpoints is stripped."""
     import torch
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many kinds for a bad file
-        raise UserError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+    obj = load_torch_file(path, map_location)
     model_args = None
     if isinstance(obj, dict):
         if isinstance(obj.get("model_args"), dict):

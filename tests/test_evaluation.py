@@ -128,6 +128,29 @@ def test_malformed_similarity_files(tmp_path, capsys):
         assert name in err
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"q": {"a": "0.9"}}', "query q, video a: score '0.9' is not a number"),
+    ('{"q": {"a": true}}', "query q, video a: score True is not a number"),
+    ('{"q": {"a": 0.5, "a": 0.7}}', "lists 'a' twice in one object"),
+    ('{"q": {"a": 0.5}, "q": {"a": 0.7}}', "lists 'q' twice in one object"),
+    ('{"q": {"a": Infinity}}', "query q, video a: score inf is not finite"),
+    ('{"q": {"a": NaN}}', "every score is NaN (not computed)"),
+])
+def test_json_scores_must_be_finite_numbers_under_unique_keys(content, message, tmp_path, capsys):
+    (tmp_path / "s.json").write_text(content)
+    status, _, err = run(["--dataset", "EVVE", "--annotation_dir", ANNOTATIONS, "--similarities",
+                          tmp_path / "s.json"], capsys)
+    assert status == 2 and err == f"error: {tmp_path / 's.json'}: {message}\n"
+
+
+def test_npz_with_an_infinite_score_is_refused(tmp_path, capsys):
+    sims = np.array([[0.5, np.nan], [np.inf, 0.1]])
+    np.savez(tmp_path / "s.npz", queries=np.array(["q1", "q2"]), database=np.array(["a", "b"]), similarities=sims)
+    status, _, err = run(["--dataset", "EVVE", "--annotation_dir", ANNOTATIONS, "--similarities",
+                          tmp_path / "s.npz"], capsys)
+    assert status == 2 and err == f"error: {tmp_path / 's.npz'}: query q2, video a: score inf is not finite\n"
+
+
 def test_error_exit_from_the_shell():
     result = subprocess.run([sys.executable, "evaluation.py", "--dataset", "FIVR-5K",
                              "--annotation_dir", "/nonexistent", "--similarities", "x.npz"],

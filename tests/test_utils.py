@@ -10,8 +10,6 @@ import torch
 import utils
 from utils import UserError
 
-from conftest import ANNOTATION_DIR as SHARED  # noqa: E402
-
 
 def test_available_cores_follows_the_affinity_mask():
     cores = utils.available_cores()
@@ -36,9 +34,15 @@ def test_frame_mask_and_padding():
     assert padded[0, 2:].abs().sum() == 0 and (padded[1] == 2).all()
 
 
-def test_load_pickle_reads_real_annotations():
-    vcdb = utils.load_pickle(os.path.join(SHARED, "vcdb.pickle"))
+def test_load_pickle_reads_real_annotations(annotation_dir):
+    vcdb = utils.load_pickle(os.path.join(annotation_dir, "vcdb.pickle"))
     assert len(vcdb["index"]) == 100310 and len(vcdb["video_pairs"]) == 5612
+    evve = utils.load_pickle(os.path.join(annotation_dir, "evve.pickle"))  # holds a protocol-2 set
+
+    def sets(x):
+        values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+        return isinstance(x, set) + sum(sets(v) for v in values)
+    assert sets(evve) >= 1
 
 
 class Evil:
@@ -54,6 +58,15 @@ def test_load_pickle_refuses_code(tmp_path):
     path.write_bytes(pickle.dumps(np.zeros(3)))  # numpy arrays are not plain data either
     with pytest.raises(UserError, match="refusing"):
         utils.load_pickle(path)
+    # a 40-byte pickle calling bytes(10**13): refused before allocating anything
+    path.write_bytes(b"\x80\x02c__builtin__\nbytes\nq\x00\x8a\x06\x00\xa0rN\x18\tq\x01\x85q\x02Rq\x03.")
+    with pytest.raises(UserError, match="refusing to load builtins.bytes"):
+        utils.load_pickle(path)
+    path.write_bytes(b"\x80\x02c__builtin__\nset\nJ\x00\x00\x00\x40\x85R.")  # set(2**30)
+    with pytest.raises(UserError, match="refusing set\\(\\) of int"):
+        utils.load_pickle(path)
+    path.write_bytes(pickle.dumps({"a": {1, 2}}, protocol=2))
+    assert utils.load_pickle(path) == {"a": {1, 2}}
 
 
 def test_load_pickle_missing_and_malformed(tmp_path):
@@ -105,3 +118,49 @@ def test_run_main_prints_one_line_and_exits_2():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 2
     assert proc.stderr == "error: x.h5: feature file not found\n"
+
+
+def test_length_buckets_bound_padding_and_budget():
+    lengths = sorted(np.random.default_rng(0).integers(1, 300, 200).tolist())
+    buckets = list(utils.length_buckets(lengths, budget=4096, spread=1.15, slack=8))
+    assert [b[0] for b in buckets[1:]] == [b[1] for b in buckets[:-1]] and buckets[-1][1] == len(lengths)
+    for start, stop in buckets:
+        group = lengths[start:stop]
+        assert len(group) == 1 or (len(group) * group[-1] <= 4096 and group[-1] <= 1.15 * group[0] + 8)
+    # rows: an item cut into chunks takes one padded row per chunk
+    assert list(utils.length_buckets([10, 10, 10], budget=40, rows=[2, 2, 1])) == [(0, 2), (2, 3)]
+    assert list(utils.length_buckets([50], budget=10)) == [(0, 1)]  # one item over the budget still goes
+
+
+def test_balanced_owners_is_deterministic_and_balanced():
+    work = [5, 1, 9, 3, 3, 7]
+    owners = utils.balanced_owners(work, 2)
+    # largest first to the least loaded: 9 -> 0, 7 -> 1, 5 -> 1, 3 -> 0, 3 -> 0, 1 -> 1
+    assert owners.tolist() == [1, 1, 0, 0, 0, 1]
+    assert utils.balanced_owners(work, 1).tolist() == [0] * 6
+    assert utils.balanced_owners([], 3).tolist() == []
+
+
+def test_read_features_gives_float32_and_refuses_non_finite(tmp_path):
+    import h5py
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["half"] = np.ones((3, 4), np.float16)
+        bad = np.ones((3, 4), np.float32)
+        bad[2, 1] = np.inf
+        f["bad"] = bad
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert utils.read_features(f, "half").dtype == np.float32
+        with pytest.raises(UserError, match=r"f.h5: video bad: non-finite feature value at frame 2$"):
+            utils.read_features(f, "bad")
+
+
+def test_load_checkpoint_gives_model_args(tmp_path):
+    sd = {"fc.weight": torch.ones(2, 2)}
+    torch.save({"model": sd, "model_args": {"aggregator": "tca"}}, tmp_path / "m.pth")
+    state_dict, model_args = utils.load_checkpoint(tmp_path / "m.pth")
+    assert list(state_dict) == ["fc.weight"] and model_args == {"aggregator": "tca"}
+    torch.save(sd, tmp_path / "bare.pth")
+    assert utils.load_checkpoint(tmp_path / "bare.pth")[1] is None
+    torch.save({"epoch": 3}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="other.pth: checkpoint holds no state dict"):
+        utils.load_checkpoint(tmp_path / "other.pth")
