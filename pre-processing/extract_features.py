@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from utils import UserError, available_cores, l2_normalize, load_state_dict, local_device, run_main  # noqa: E402
 import sharding  # noqa: E402
 from extract_frames import VideoError, decode_frames, read_video_list, write_failures  # noqa: E402
-from h5_writer import OutputLock, PartWriter, check_video_ids, file_digest, merge_parts, scan_output  # noqa: E402
+from h5_writer import (OutputLock, PartWriter, check_video_ids, file_digest, merge_parts, new_run_id,  # noqa: E402
+                       scan_output)
 from pca import apply_pca, load_params  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -436,12 +437,12 @@ def main():
     def prepare():  # rank 0: one writer per output, then what is already done
         lock.acquire()
         try:
-            return lock.holder, scan_output(args.output, settings)
+            return lock.holder, scan_output(args.output, settings), new_run_id()
         except BaseException:
             lock.release()
             raise
 
-    holder, done = sharding.on_rank0(dist, prepare)
+    holder, done, run = sharding.on_rank0(dist, prepare)
     try:
         sharding.check_shared_directory(dist, lock.path, holder)
         todo = [(video_id, path) for video_id, path in videos if video_id not in done]
@@ -451,7 +452,7 @@ def main():
                   + (f" by {dist.size} ranks" if dist.size > 1 else ""), flush=True)
         model = build_extractor(args.feature, args.weights, args.random_weights, device, args.channels_last)
 
-        writer = PartWriter(args.output, settings, args.checkpoint_every, dist.rank)
+        writer = PartWriter(args.output, settings, args.checkpoint_every, run, dist.rank)
         start, num_frames, failures = time.time(), 0, []
         try:
             with tqdm(total=len(mine), unit="video", disable=dist.rank != 0) as bar:

