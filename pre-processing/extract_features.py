@@ -37,9 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from utils import UserError, available_cores, l2_normalize, load_state_dict, local_device, run_main  # noqa: E402
 import sharding  # noqa: E402
-from extract_frames import VideoError, decode_frames, read_video_list, write_failures  # noqa: E402
-from h5_writer import (OutputLock, PartWriter, check_video_ids, file_digest, merge_parts, new_run_id,  # noqa: E402
-                       scan_output)
+from extract_frames import VideoError, decode_frames, read_video_list  # noqa: E402
+from h5_writer import (OutputLock, PartWriter, check_failures_path, check_video_ids, file_digest,  # noqa: E402
+                       merge_parts, new_run_id, scan_output, write_failures)
 from pca import apply_pca, load_params  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -367,7 +367,8 @@ def get_args_parser():
     parser.add_argument("--checkpoint_every", type=float, default=60.0,
                         help="seconds between saves of finished videos; a killed run loses at most this much work")
     parser.add_argument("--failures", default=None,
-                        help="where to list the videos that failed; None: OUTPUT.failures.tsv")
+                        help="where to list the videos that failed (a file this program wrote, or none: another "
+                             "file is refused); None: OUTPUT.failures.tsv")
     return parser
 
 
@@ -431,6 +432,7 @@ def main():
                 "channels_last": args.channels_last, "components": width, "dtype": args.dtype,
                 "pca_params": file_digest(args.pca_params) if args.pca_params else "none"}
     failures_path = args.failures or args.output + ".failures.tsv"
+    check_failures_path(failures_path)
 
     lock = OutputLock(args.output)
 

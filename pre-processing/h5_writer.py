@@ -101,6 +101,43 @@ def write_settings(h5file, settings):
 
 
 # --------------------------------------------------------------------------
+# the failures file beside an output
+
+FAILURES_HEADER = "# videos that failed (id<TAB>path<TAB>reason), written by TCA's pre-processing"
+
+
+def _is_failures_file(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.readline().rstrip("\n") == FAILURES_HEADER
+    except (IsADirectoryError, FileNotFoundError):
+        return False
+
+
+def check_failures_path(path):
+    """Before any work: refuse a --failures path holding something else (the
+    video list, say), which writing or removing the failures would destroy."""
+    if os.path.exists(path) and not _is_failures_file(path):
+        raise UserError(f"{path}: exists and is not a failures file this program wrote; give another --failures")
+
+
+def write_failures(path, failures):
+    """Write FAILURES_HEADER and `id<TAB>path<TAB>reason` lines atomically,
+    and return `path`. With no failures, remove the failures file of an
+    earlier run, and only such a file (it carries the header)."""
+    if not failures:
+        if _is_failures_file(path):
+            os.remove(path)
+        return None
+    check_failures_path(path)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(FAILURES_HEADER + "\n")
+        for video_id, video_path, reason in failures:
+            f.write(f"{video_id}\t{video_path}\t{reason}\n")
+    return path
+
+
+# --------------------------------------------------------------------------
 # one writer per output
 
 class OutputLock:

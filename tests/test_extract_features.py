@@ -266,3 +266,28 @@ def test_video_ids_are_checked_before_any_work(tmp_path):
                         *EXTRACT_ARGS, check=False)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().startswith(f"error: {videos}: video ids HDF5 cannot store: 'x' (")
+
+
+# --------------------------------------------------------------------------
+# the failures file
+
+def test_failures_never_overwrite_or_remove_a_file_this_program_did_not_write(tmp_path):
+    videos = write_list(tmp_path / "videos.tsv", [("missing", str(tmp_path / "missing.mp4"))])
+    listed = videos.read_text()
+    # the video list given as --failures: refused before any work, untouched
+    result = run_script("extract_features.py", "--video_list", videos, "--output", tmp_path / "imac.h5",
+                        "--failures", videos, *EXTRACT_ARGS, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (f"error: {videos}: exists and is not a failures file this program wrote; "
+                                     "give another --failures")
+    assert videos.read_text() == listed
+    # a failures file it wrote is rewritten, and removed once nothing fails
+    failures = tmp_path / "failures.tsv"
+    run_script("extract_features.py", "--video_list", videos, "--output", tmp_path / "imac.h5",
+               "--failures", failures, *EXTRACT_ARGS)
+    header, line = failures.read_text().splitlines()
+    assert header.startswith("# ") and line.startswith(f"missing\t{tmp_path / 'missing.mp4'}\tfile not found")
+    write_list(videos, [("carphone_distorted", DISTORTED)])
+    run_script("extract_features.py", "--video_list", videos, "--output", tmp_path / "imac.h5",
+               "--failures", failures, *EXTRACT_ARGS)
+    assert not failures.exists()
