@@ -33,6 +33,7 @@ import collections
 import functools
 import json
 import os
+import sys
 import time
 
 import h5py
@@ -40,9 +41,9 @@ import numpy as np
 from tqdm import tqdm
 
 from data import DATASETS, load_benchmark
-from utils import (FRAMES_PER_BATCH, UserError, atomic_path, balanced_owners, init_distributed, l2_normalize,
-                   length_buckets, load_checkpoint, local_device, open_features, pad_sequences, read_features,
-                   run_main)
+from utils import (FRAMES_PER_BATCH, UserError, atomic_path, balanced_owners, check_writable, init_distributed,
+                   l2_normalize, length_buckets, load_checkpoint, local_device, open_features, os_error_line,
+                   pad_sequences, read_features, run_main)
 
 # torch, model and similarity are imported in model mode only: a similarity
 # file needs none of them, and `import torch` alone is most of that run's
@@ -492,9 +493,15 @@ def _json_ready(value):
     return None if isinstance(value, float) and np.isnan(value) else value
 
 
-def append_results_csv(path, row):
+def write_json(path, value):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(_json_ready(value), f, indent=2)
+
+
+def append_results_csv(path, rows):
+    """Append rows (dicts) to a results CSV, adding columns as needed."""
     import pandas as pd
-    table = pd.DataFrame([row])
+    table = pd.DataFrame(rows)
     if os.path.isfile(path):
         try:
             table = pd.concat([pd.read_csv(path), table], ignore_index=True)
@@ -527,6 +534,9 @@ def main():
     elif args.save_similarities:
         raise UserError("--save_similarities writes a model's similarities; it needs model mode")
     metrics = parse_metrics(args.metric) if not args.similarities else ["precomputed"]
+    outputs = [similarity_path(args.save_similarities, m, metrics) for m in metrics if args.save_similarities]
+    for path in outputs + [p for p in (args.json_out, args.results_csv) if p]:
+        check_writable(path)  # now, not after encoding the whole benchmark
 
     benchmark = load_benchmark(args.dataset, args.annotation_dir)
     stats, dist = {}, None
@@ -564,16 +574,26 @@ def main():
         print(f"{stats['s_per_query']:.4f} s/query, {storage}, "
               f"database encoding {stats['database_s_per_video'] * 1000:.2f} ms/video")
 
+    # every output is tried: one that fails (disk full, ...) is reported and does not stop the others
+    failed = []
+
+    def write(path, save):
+        try:
+            save()
+        except (UserError, OSError) as e:
+            print(f"error: {e if isinstance(e, UserError) else os_error_line(e, path)}", file=sys.stderr)
+            failed.append(path)
+
     if args.save_similarities:
         for m in metrics:
             path = similarity_path(args.save_similarities, m, metrics)
-            save_similarities(path, query_ids, database_ids, similarities[m])
-            print(f"saved similarities to {path}")
+            write(path, lambda: save_similarities(path, query_ids, database_ids, similarities[m]))
+            if path not in failed:
+                print(f"saved similarities to {path}")
     if args.json_out:
-        out = results[metrics[0]] if len(metrics) == 1 else results
-        with atomic_path(args.json_out) as tmp, open(tmp, "w") as f:
-            json.dump(_json_ready(out), f, indent=2)
+        write(args.json_out, lambda: write_json(args.json_out, results[metrics[0]] if len(metrics) == 1 else results))
     if args.results_csv:
+        rows = []
         for m in metrics:
             row = {"dataset": benchmark.name,
                    "checkpoint": args.similarities or ("baseline" if args.baseline else args.model_path),
@@ -582,7 +602,10 @@ def main():
             row.update({f"EVVE/{event}": v for event, v in results[m].get("events", {}).items()})
             row["s_per_query"] = stats.get("s_per_query", float("nan"))
             row["storage_kb_per_video"] = stats["storage_kb_per_video"][m] if stats else float("nan")
-            append_results_csv(args.results_csv, row)
+            rows.append(row)
+        write(args.results_csv, lambda: append_results_csv(args.results_csv, rows))
+    if failed:
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -297,6 +297,8 @@ def check_args(args, dist):
     model_file = os.path.join(args.model_path, "model.pth")
     if not args.resume and not args.overwrite and os.path.exists(model_file):
         raise UserError(f"{model_file} exists: pass --resume to continue that run or --overwrite to replace it")
+    if dist.rank == 0:
+        utils.check_writable(model_file)
 
 
 def train(args):

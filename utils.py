@@ -39,9 +39,20 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # disk full, permission denied, a directory where a file goes, ...
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def os_error_line(error, path=None):
+    """`<path>: <reason>` of an OSError, naming `path` if given, else the
+    file the error names."""
+    path = path or error.filename
+    reason = error.strerror or str(error)
+    return f"{os.fspath(path)}: {reason}" if path else reason
 
 
 def available_cores():
@@ -259,32 +270,68 @@ def read_features(features, key, path=None):
 # --------------------------------------------------------------------------
 # atomic writes: a killed run never leaves a truncated file behind
 
+def check_writable(path):
+    """Fail now, in one line, if `path` cannot be written later (a directory
+    is in the way, the folder is read-only or not ours): scripts check their
+    outputs before the work, not after it. Writes and removes a probe file
+    in the nearest existing folder (access() says yes to root on files a
+    read-only mount refuses)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory")
+    folder = os.path.dirname(path)
+    while not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise UserError(f"{path}: {folder} is not a directory")
+        folder = os.path.dirname(folder)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in {folder} ({e.strerror or e})") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path in the same directory as `path`; when the block
     ends without an exception it is renamed onto `path` (atomic on POSIX),
-    otherwise it is removed."""
+    otherwise it is removed. An OSError of the temporary file (disk full,
+    permission denied, a directory at `path`) is a UserError naming `path`."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    # mkstemp creates the file 0600; give it the permissions a plain open() would
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        os.close(fd)
+        # mkstemp creates the file 0600; give it the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename not in (None, tmp, path, directory):
+            raise  # about another file: let it name itself
+        raise UserError(os_error_line(e, path)) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
 def atomic_torch_save(obj, path):
+    """torch.save through atomic_path; torch's own write errors (a full disk
+    reads "enforce fail at inline_container.cc ... unexpected pos") become
+    one line naming `path`."""
+    import shutil
     import torch
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free
+            reason = "No space left on device" if free < (1 << 20) else str(e).splitlines()[0]
+            raise UserError(f"{path}: cannot write ({reason})") from None
 
 
 # --------------------------------------------------------------------------

@@ -425,3 +425,26 @@ def test_two_horovod_ranks_equal_one_process(mini, capsys, tmp_path, tca_checkpo
             np.testing.assert_allclose(two, one, atol=1e-6)
             table = [line for line in stdout.splitlines() if line.split()[:1] == [metric]]
             assert table == [line for line in single_out.splitlines() if line.split()[:1] == [metric]]
+
+
+def test_outputs_are_checked_before_the_work_and_a_full_disk_loses_nothing_else(mini, capsys, tmp_path, small_tmpfs):
+    common = ["--dataset", "FIVR-5K", "--annotation_dir", mini.root, "--feature_path", mini.root / "features.hdf5",
+              "--baseline", "--metric", "chamfer"]
+    # a directory where the file goes: refused before any video is read
+    (tmp_path / "dir.npz").mkdir()
+    status, out, err = run(common + ["--save_similarities", tmp_path / "dir.npz"], capsys)
+    assert status == 2 and err.strip().splitlines() == [f"error: {tmp_path / 'dir.npz'}: is a directory"]
+    assert "=====" not in out
+    # a full disk: the table is printed, the similarities fail in one line, the metrics are still written
+    small_tmpfs.fill()
+    status, out, err = run(common + ["--save_similarities", small_tmpfs / "s.json", "--json_out",
+                                     tmp_path / "m.json"], capsys)
+    assert status == 2 and "===== FIVR-5K =====" in out
+    assert err.strip().splitlines()[-1] == f"error: {small_tmpfs / 's.json'}: No space left on device"
+    assert json.loads((tmp_path / "m.json").read_text())["DSVR"] == pytest.approx(1.0)
+    assert os.listdir(small_tmpfs) == ["filler"]  # no partial file, no temporary
+    # a read-only folder: refused before the work
+    small_tmpfs.remount_ro()
+    status, out, err = run(common + ["--json_out", small_tmpfs / "m.json"], capsys)
+    assert status == 2 and "=====" not in out
+    assert err.strip().splitlines()[-1].startswith(f"error: {small_tmpfs / 'm.json'}: cannot write in {small_tmpfs}")

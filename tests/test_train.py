@@ -344,6 +344,15 @@ def test_a_fresh_run_does_not_overwrite_a_finished_model(tmp_path, synthetic):
     assert "model_args" in torch.load(model_path / "model.pth", weights_only=True)
 
 
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, synthetic, small_tmpfs):
+    small_tmpfs.fill()
+    result = run(train_command(tmp_path, *synthetic, str(small_tmpfs / "run"), "--epochs", "1"), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {small_tmpfs / 'run'}/") and "No space left on device" in last, last
+    assert not [name for name in os.listdir(small_tmpfs / "run") if name.endswith((".pth", ".tmp"))]
+
+
 # --------------------------------------------------------------------------
 # end to end
 
