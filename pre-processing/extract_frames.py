@@ -94,6 +94,11 @@ def _glob_video_list(pattern):
 # --------------------------------------------------------------------------
 # decoding
 
+# Codecs whose skip_frame "NONREF" leaves undecoded only pictures that no other picture
+# references, checked bit for bit against a full decode in tests/test_extract_frames.py.
+SKIP_NONREF_CODECS = ("h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video")
+
+
 def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True):
     """Decode `path` at `fps` frames per second: the first frame of every
     1/fps-second interval, counted from the first frame, so a video whose last
@@ -103,11 +108,12 @@ def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True):
 
     threads: FFmpeg decoding threads (0 = FFmpeg's choice); 1 suits parallel
         worker processes, which already keep every core busy.
-    skip_unused: in H.264 streams, do not decode the pictures that no other
-        picture references and that are not kept (typically most B-frames):
-        the same frames, bit for bit, for less decoding. Any stream this
-        cannot be planned for, or whose decoded frames differ from the plan,
-        is decoded in full.
+    skip_unused: in H.264, HEVC, MPEG-4 Part 2 and MPEG-1/2 streams, let
+        libavcodec leave undecoded the pictures that no other picture
+        references and that are not kept (typically most B-frames): the same
+        frames, bit for bit, for less decoding. Any stream whose kept frames
+        cannot be predicted from its packets, or whose decoded frames differ
+        from the prediction, is decoded in full.
     Returns uint8 (T, size, size, 3) RGB. Raises VideoError if the file cannot
     be opened or decoded, holds no video frame, or decodes to much less than
     the duration its container declares (a truncated download).
@@ -119,7 +125,7 @@ def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True):
     result = None
     if skip_unused:
         try:
-            plan = _plan_kept_pictures(path, fps)
+            plan = _plan_kept_frames(path, fps)
             if plan is not None:
                 result = _decode(path, fps, size, threads, plan)  # None: the frames did not follow the plan
         except (av.FFmpegError, OSError, ValueError, RuntimeError):
@@ -141,10 +147,11 @@ def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True):
 
 def _decode(path, fps, size, threads, plan):
     """Decode and keep frames as decode_frames says. plan: None to decode
-    every packet, else _plan_kept_pictures' plan, whose skippable packets are
-    not decoded. Returns (frames, seconds decoded, seconds declared), or None
-    if the frames kept are not the ones the plan predicted."""
+    every picture, else _plan_kept_frames' plan, whose unreferenced pictures
+    are not decoded unless kept. Returns (frames, seconds decoded, seconds
+    declared), or None if the frames kept are not the ones the plan predicted."""
     frames, kept, last_bucket, first_time, last_time = [], [], -1, None, None
+    keep = set(plan.kept) if plan is not None else None
     with av.open(path) as container:
         if not container.streams.video:
             raise VideoError("no video stream")
@@ -154,12 +161,13 @@ def _decode(path, fps, size, threads, plan):
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         index = -1
         for packet in container.demux(stream):
-            if plan is not None and packet.pts in plan.skippable:
-                continue
+            if plan is not None:
+                # copied when the packet is sent, so frame threads apply it to this picture only
+                stream.codec_context.skip_frame = "DEFAULT" if packet.pts in keep else "NONREF"
             for frame in packet.decode():
                 index += 1
-                if plan is not None and frame.pts not in plan.all_pts:
-                    return None
+                if plan is not None and frame.pts not in plan.shown:
+                    return None  # not a picture the packets announced
                 time_s = frame.time if frame.time is not None else index / rate
                 if first_time is None:
                     first_time = time_s
@@ -168,6 +176,8 @@ def _decode(path, fps, size, threads, plan):
                 if bucket <= last_bucket:
                     continue  # fps above the video's rate simply keeps every frame
                 last_bucket = bucket
+                if plan is not None and plan.kept[len(kept):len(kept) + 1] != [frame.pts]:
+                    return None  # not the next frame predicted: stop before decoding the rest
                 kept.append(frame.pts)
                 frames.append(_resize_and_crop(frame, size))
         declared = _declared_duration(container, stream)
@@ -186,37 +196,41 @@ def _interval(time_s, first_time, fps):
     return math.floor((time_s - first_time) * fps + 1e-6)
 
 
-# Which packets of a stream decode_frames may leave undecoded: the pts of every
-# picture shown, of those kept (in order), of those skippable, and the last
-# shown picture's time in seconds.
-_Plan = collections.namedtuple("_Plan", "all_pts kept skippable last_time")
+# The pts of every picture a stream shows, of those decode_frames keeps (in
+# order), and the last shown picture's time in seconds.
+_Plan = collections.namedtuple("_Plan", "shown kept last_time")
 
 
-def _plan_kept_pictures(path, fps):
+def _plan_kept_frames(path, fps):
     """Read the packets (no decoding) and predict the pts of the frames
-    decode_frames keeps. Returns a _Plan whose `skippable` pts are the
-    pictures that are neither kept nor referenced, or None when there is
-    nothing to skip or the stream is not one this can predict (not H.264,
-    packets without timestamps, repeated timestamps)."""
+    decode_frames keeps, or None when the stream is not one whose pictures
+    can be skipped: a codec not in SKIP_NONREF_CODECS, packets without
+    timestamps or with repeated ones, timestamps that never go back (nothing
+    is decoded ahead of its turn, or they are decoding times, as AVI's),
+    MPEG-4 packed B-frames (a B-frame stored in the packet before its own)."""
     with av.open(path) as container:
         if not container.streams.video:
             return None
         stream = container.streams.video[0]
-        is_unreferenced = _unreferenced_picture_test(stream.codec_context)
         time_base = stream.time_base  # read while the container is open
-        if is_unreferenced is None or time_base is None:
+        codec = stream.codec_context.name
+        if codec not in SKIP_NONREF_CODECS or time_base is None:
             return None
-        # pts of the pictures the decoder outputs; of the pictures nothing references; of the others
-        shown, unreferenced, referenced = [], set(), set()
+        # libavcodec's own test for packed B-frames: this filter changes the packets that hold them
+        unpack = av.BitStreamFilterContext("mpeg4_unpack_bframes", stream) if codec == "mpeg4" else None
+        decode_order, shown = [], []
         for packet in container.demux(stream):
             if packet.size == 0:
                 continue  # the flush packet at the end
             if packet.pts is None:
                 return None
+            decode_order.append(packet.pts)
             if not packet.is_discard:
                 shown.append(packet.pts)
-            (unreferenced if is_unreferenced(bytes(packet)) else referenced).add(packet.pts)
-    if len(set(shown)) != len(shown) or not shown:
+            size = packet.size  # the filter takes the packet's data
+            if unpack is not None and [p.size for p in unpack.filter(packet)] != [size]:
+                return None
+    if len(set(shown)) != len(shown) or not shown or decode_order == sorted(decode_order):
         return None
     shown.sort()
     times = [float(pts * time_base) for pts in shown]
@@ -226,38 +240,7 @@ def _plan_kept_pictures(path, fps):
         if bucket > last_bucket:
             last_bucket = bucket
             kept.append(pts)
-    skippable = unreferenced - referenced - set(kept)  # a pts shared with a reference picture is never skipped
-    if not skippable:
-        return None
-    return _Plan(set(shown), kept, skippable, times[-1])
-
-
-def _unreferenced_picture_test(codec_context):
-    """For an H.264 stream, a function telling from a packet's bytes whether it
-    holds one picture that no other picture references (every slice NAL unit
-    has nal_ref_idc 0); None for other codecs."""
-    if codec_context.name != "h264":
-        return None
-    extradata = bytes(codec_context.extradata or b"")
-    if extradata[:1] == b"\x01" and len(extradata) >= 5:  # avcC: NAL units prefixed by their length
-        length_size = (extradata[4] & 3) + 1
-
-        def headers(data):
-            i = 0
-            while i + length_size < len(data):
-                yield data[i + length_size]
-                i += length_size + int.from_bytes(data[i:i + length_size], "big")
-    else:  # Annex B: NAL units after 00 00 01 start codes
-        def headers(data):
-            i = data.find(b"\x00\x00\x01")
-            while 0 <= i < len(data) - 3:
-                yield data[i + 3]
-                i = data.find(b"\x00\x00\x01", i + 3)
-
-    def is_unreferenced(data):
-        slices = [h for h in headers(data) if h & 0x1F in (1, 5)]  # coded slice (non-IDR, IDR)
-        return bool(slices) and all(h & 0x60 == 0 for h in slices)
-    return is_unreferenced
+    return _Plan(set(shown), kept, times[-1])
 
 
 def _resize_and_crop(frame, size):
