@@ -1,7 +1,8 @@
 """`make demo`: the whole TCA pipeline on the mini benchmark, in a few minutes on CPU.
 
     1. demo/build_benchmark.py          videos + vcdb.pickle (train) + fivr.pickle (eval)
-    2. pre-processing/extract_features.py  ResNet-50 iMAC frame features, per split
+    2. pre-processing/extract_features.py  ResNet-50 iMAC frame features, per split (under horovodrun,
+                                        one rank per GPU, where there are two or more GPUs)
     3. pre-processing/pca.py            PCA-whitening learned on the train split, applied to both
     4. horovodrun -np 2 train.py        TCA trained on the train split's copy pairs
     5. evaluation.py                    FIVR-style DSVR/CSVR/ISVR mAP of the untrained baseline
@@ -43,9 +44,10 @@ def get_args_parser():
     parser.add_argument("--epochs", type=int, default=10, help="training epochs")
     parser.add_argument("--np", type=int, default=2, help="Horovod workers: 1 (plain single-process training), 2 or 4 (they share the global batch of 4 pairs)")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                        help="extract features under bfloat16 autocast (3x faster on CPUs with AMX or AVX512-BF16, "
-                             "slower on others); auto: on when /proc/cpuinfo lists amx_bf16 or avx512_bf16. "
-                             "Extraction always uses --channels-last (same features as fp32, faster on CPU)")
+                        help="extract features under bfloat16 autocast; auto: where it runs faster on this "
+                             "machine (AMX, or extract_features.py's timing of both at start-up), decided once "
+                             "for both splits, so the table depends on the CPU. Extraction always uses "
+                             "--channels_last (same features as fp32 to 1e-4, faster on CPU)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="local torchvision ResNet-50 ImageNet state dict (resnet50-0676ba61.pth), "
                                            "for machines that cannot download it")
@@ -83,14 +85,30 @@ def choose_backbone(args, available=imagenet_weights_available):
     return ["--random-weights"], "random ResNet-50 (ImageNet weights unavailable offline)"
 
 
-def cpu_has_fast_bf16(cpuinfo="/proc/cpuinfo"):
-    """True if the CPU flags list a bfloat16 matrix unit (AMX) or AVX512-BF16."""
-    try:
-        with open(cpuinfo) as f:
-            flags = set(f.read().split())
-    except OSError:  # not Linux
-        return False
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+def extraction_ranks(np):
+    """Ranks for the sharded extraction: one per GPU, up to --np, when there
+    are two or more; else one process. On a CPU the lanes of one process
+    already keep every core busy, so ranks would only add horovodrun's
+    start-up (2 ranks ran 0.95-1.05x one process on 2 cores, README)."""
+    import torch
+    gpus = torch.cuda.device_count()
+    return min(np, gpus) if gpus >= 2 else 1
+
+
+def recorded_bf16(path):
+    """Whether the features in `path` were extracted under bf16, as
+    extract_features.py records it (None: not recorded, an older run's)."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        return None if "bf16" not in f.attrs else bool(f.attrs["bf16"])
+
+
+def horovodrun(np, py):
+    """The launcher's command line for `np` local ranks."""
+    launcher = shutil.which("horovodrun", path=os.path.dirname(py)) or shutil.which("horovodrun")
+    if launcher is None:
+        raise UserError("horovodrun not found (run `make install`), or pass --np 1 for single-process training")
+    return [launcher, "-np", str(np), "-H", f"localhost:{np}"]
 
 
 def step(name, cmd, output):
@@ -134,18 +152,20 @@ def main():
             backbone, backbone_name = [], f.read().strip()
     else:
         backbone, backbone_name = choose_backbone(args)
-        speed = ["--channels-last"]
-        if args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_fast_bf16()):
-            speed.append("--bf16")
-        backbone, backbone_name = backbone + speed, f"{backbone_name}, extracted with {' '.join(speed)}"
         with open(backbone_note, "w") as f:
             f.write(backbone_name + "\n")
+    ranks = extraction_ranks(args.np)
+    bf16 = args.bf16
     for split in ("train", "eval"):
-        step(f"features ({split})", [py, "pre-processing/extract_features.py",
-                                     "--video_list", os.path.join(bench, f"{split}_videos.txt"),
-                                     "--output", os.path.join(feats, f"{split}_imac.h5"),
-                                     "--fps", str(args.fps)] + backbone,
+        extract = [py, "pre-processing/extract_features.py", "--video_list", os.path.join(bench, f"{split}_videos.txt"),
+                   "--output", os.path.join(feats, f"{split}_imac.h5"), "--fps", str(args.fps), "--channels_last",
+                   "--bf16", bf16] + backbone
+        step(f"features ({split})", horovodrun(ranks, py) + extract if ranks > 1 else extract,
              os.path.join(feats, f"{split}_imac.h5"))
+        # the eval split is extracted as the train split was, whatever auto chose there
+        recorded = recorded_bf16(os.path.join(feats, f"{split}_imac.h5"))
+        bf16 = bf16 if recorded is None else "on" if recorded else "off"
+    backbone_name += f", extracted with --channels_last, bf16 {bf16}" + (" (auto)" if args.bf16 == "auto" else "")
 
     pca_params = os.path.join(feats, "pca_params.npz")
     # every frame of the small train split: upstream samples 10 per video of 100k VCDB videos
@@ -169,10 +189,7 @@ def main():
              "--moco_k", "256", "--moco_m", "0", "--moco_t", "1.0", "--num_workers", "0",
              "--print-freq", "10", "--save_every", str(args.epochs), "--seed", str(args.seed)]
     if args.np > 1:
-        horovodrun = shutil.which("horovodrun", path=os.path.dirname(py)) or shutil.which("horovodrun")
-        if horovodrun is None:
-            raise UserError("horovodrun not found (run `make install`), or pass --np 1 for single-process training")
-        train = [horovodrun, "-np", str(args.np), "-H", f"localhost:{args.np}"] + train
+        train = horovodrun(args.np, py) + train
     step("train", train, os.path.join(model_dir, "model.pth"))
 
     runs = [("baseline (mean of PCA frames)", ["--baseline", "--metric", "cosine"]),

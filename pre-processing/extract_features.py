@@ -39,7 +39,7 @@ from utils import UserError, available_cores, l2_normalize, load_state_dict, loc
 import sharding  # noqa: E402
 from extract_frames import VideoError, decode_frames, read_video_list  # noqa: E402
 from h5_writer import (OutputLock, PartWriter, check_failures_path, check_video_ids, file_digest,  # noqa: E402
-                       merge_parts, new_run_id, scan_output, write_failures)
+                       merge_parts, new_run_id, recorded_settings, scan_output, write_failures)
 from pca import apply_pca, load_params  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -361,9 +361,11 @@ def get_args_parser():
                              "horovodrun) if there is one, else the CPU")
     parser.add_argument("--channels_last", "--channels-last", action="store_true",
                         help="run the CNN in channels-last memory format (faster convolutions on recent CPUs/GPUs)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="run the CNN under bfloat16 autocast (pooling stays fp32); faster on CPUs with "
-                             "AMX/AVX512-BF16 and on GPUs, features differ slightly from fp32")
+    parser.add_argument("--bf16", nargs="?", const="on", choices=("off", "on", "auto"), default="off",
+                        help="run the CNN under bfloat16 autocast (pooling stays fp32; features differ slightly "
+                             "from fp32); --bf16 alone: on; auto: on where it runs faster here (CPUs with AMX; "
+                             "elsewhere a few seconds' timing of both at start-up), or as the output being "
+                             "resumed was made")
     parser.add_argument("--checkpoint_every", type=float, default=60.0,
                         help="seconds between saves of finished videos; a killed run loses at most this much work")
     parser.add_argument("--failures", default=None,
@@ -401,6 +403,36 @@ def stored(features, pca_params=None, dtype="float32"):
     return features.astype(dtype, copy=False)
 
 
+def bf16_is_faster(model, device, channels_last, batch_size, threads, cpuinfo="/proc/cpuinfo"):
+    """--bf16 auto: whether bfloat16 autocast runs `model` faster than fp32
+    on this machine. Yes on CPUs with AMX (a bf16 matrix unit). Elsewhere
+    the two are timed on one batch, the better of two tries each after a
+    warm-up, with `threads` threads (1: as a lane runs it): on AVX512-BF16
+    without AMX, bf16 measured slower than fp32 in one setting (issue 13)
+    and faster in another (BENCHMARKS.md). Returns (faster, why)."""
+    try:
+        with open(cpuinfo) as f:
+            if device.type == "cpu" and "amx_bf16" in f.read().split():
+                return True, "the CPU has AMX"
+    except OSError:
+        pass
+    frames = torch.randint(0, 256, (batch_size, 256, 256, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    saved_threads, rates = torch.get_num_threads(), {False: [], True: []}
+    torch.set_num_threads(threads)
+    try:
+        for bf16 in (False, True) * 3:
+            begin = time.perf_counter()
+            extract_batch(model, frames, device, channels_last, bf16)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rates[bf16].append(batch_size / (time.perf_counter() - begin))
+    finally:
+        torch.set_num_threads(saved_threads)
+    fp32, bf16 = max(rates[False][1:]), max(rates[True][1:])  # the first of each warms up
+    return bf16 > fp32, f"bf16 {bf16:.1f} vs fp32 {fp32:.1f} frames/s"
+
+
 def main():
     args = get_args_parser().parse_args()
     dist = sharding.start()
@@ -428,23 +460,32 @@ def main():
         width = pca_params["U"].shape[1]
     # what changes the stored features; pca.py --apply records the same keys
     settings = {"fps": fps if fps is not None else "frames_dir", "feature": args.feature,
-                "weights": weights_identity(args.weights, args.random_weights), "bf16": args.bf16,
+                "weights": weights_identity(args.weights, args.random_weights), "bf16": args.bf16 == "on",
                 "channels_last": args.channels_last, "components": width, "dtype": args.dtype,
                 "pca_params": file_digest(args.pca_params) if args.pca_params else "none"}
     failures_path = args.failures or args.output + ".failures.tsv"
     check_failures_path(failures_path)
 
+    model = build_extractor(args.feature, args.weights, args.random_weights, device, args.channels_last)
     lock = OutputLock(args.output)
 
-    def prepare():  # rank 0: one writer per output, then what is already done
+    def prepare():  # rank 0: one writer per output, the speed mode, then what is already done
         lock.acquire()
         try:
-            return lock.holder, scan_output(args.output, settings), new_run_id()
+            if args.bf16 == "auto":
+                recorded = recorded_settings(args.output)
+                if "bf16" in recorded:
+                    settings["bf16"], why = recorded["bf16"], f"as {args.output} was made"
+                else:
+                    settings["bf16"], why = bf16_is_faster(model, device, args.channels_last, args.batch_size,
+                                                           1 if lanes else torch.get_num_threads())
+                print(f"--bf16 auto: {'on' if settings['bf16'] else 'off'} ({why})", flush=True)
+            return lock.holder, scan_output(args.output, settings), new_run_id(), settings["bf16"]
         except BaseException:
             lock.release()
             raise
 
-    holder, done, run = sharding.on_rank0(dist, prepare)
+    holder, done, run, settings["bf16"] = sharding.on_rank0(dist, prepare)
     try:
         sharding.check_shared_directory(dist, lock.path, holder)
         todo = [(video_id, path) for video_id, path in videos if video_id not in done]
@@ -452,14 +493,13 @@ def main():
         if dist.rank == 0:
             print(f"{len(videos)} videos, {len(videos) - len(todo)} already done, {len(todo)} to extract"
                   + (f" by {dist.size} ranks" if dist.size > 1 else ""), flush=True)
-        model = build_extractor(args.feature, args.weights, args.random_weights, device, args.channels_last)
 
         writer = PartWriter(args.output, settings, args.checkpoint_every, run, dist.rank)
         start, num_frames, failures = time.time(), 0, []
         try:
             with tqdm(total=len(mine), unit="video", disable=dist.rank != 0) as bar:
                 for video_id, path, features, error in extract(model, mine, fps, args.workers, args.batch_size,
-                                                               device, args.channels_last, args.bf16,
+                                                               device, args.channels_last, settings["bf16"],
                                                                args.schedule):
                     if error is not None:
                         tqdm.write(f"skipping {video_id} ({path}): {error}", file=sys.stderr)

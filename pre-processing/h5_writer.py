@@ -230,6 +230,14 @@ def new_run_id():
     return os.urandom(4).hex()
 
 
+def recorded_settings(output):
+    """The settings `output`, or before its first merge its first part, was made with; {} if neither exists."""
+    for path in ([output] if os.path.isfile(output) else []) + part_paths(output)[:1]:
+        with open_features(path) as f:
+            return read_settings(f)
+    return {}
+
+
 class PartWriter:
     """Buffers (video_id, array) pairs and writes them as the next part file
     of (run, rank) every `checkpoint_every` seconds (and on flush)."""

@@ -279,12 +279,11 @@ def test_run_demo_weights_fallback(capsys):
     assert run_demo.choose_backbone(parse(["--random-weights"]), available=lambda: True)[0] == ["--random-weights"]
 
 
-def test_run_demo_bf16_only_where_the_cpu_has_it(tmp_path):
+def test_run_demo_shards_extraction_only_over_two_or_more_gpus(monkeypatch):
     spec = importlib.util.spec_from_file_location("run_demo", os.path.join(ROOT, "demo", "run_demo.py"))
     run_demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_demo)
-    for flags, expected in (("fpu sse avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True),
-                            ("fpu sse avx2 avx512f", False)):
-        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        assert run_demo.cpu_has_fast_bf16(str(tmp_path / "cpuinfo")) is expected
-    assert run_demo.cpu_has_fast_bf16(str(tmp_path / "missing")) is False
+    import torch
+    for gpus, np_, expected in ((0, 2, 1), (1, 2, 1), (2, 2, 2), (8, 2, 2), (8, 4, 4), (2, 4, 2)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        assert run_demo.extraction_ranks(np_) == expected

@@ -291,3 +291,34 @@ def test_failures_never_overwrite_or_remove_a_file_this_program_did_not_write(tm
     run_script("extract_features.py", "--video_list", videos, "--output", tmp_path / "imac.h5",
                "--failures", failures, *EXTRACT_ARGS)
     assert not failures.exists()
+
+
+# --------------------------------------------------------------------------
+# --bf16 auto
+
+def test_bf16_auto_is_on_with_amx_without_timing(tmp_path):
+    import extract_features
+    import torch
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n")
+    # no model is run: AMX settles it
+    assert extract_features.bf16_is_faster(None, torch.device("cpu"), False, 8, 1, str(tmp_path / "cpuinfo")) \
+        == (True, "the CPU has AMX")
+
+
+def test_bf16_auto_times_both_elsewhere(tmp_path):
+    import extract_features
+    import torch
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    model = extract_features.build_extractor("imac", random_weights=True)
+    threads = torch.get_num_threads()
+    faster, why = extract_features.bf16_is_faster(model, torch.device("cpu"), False, 2, 1, str(tmp_path / "cpuinfo"))
+    assert isinstance(faster, bool) and why.startswith("bf16 ") and "vs fp32" in why
+    assert torch.get_num_threads() == threads
+
+
+def test_bf16_auto_resumes_as_the_output_was_made(reference, partial_output):
+    output, part = partial_output
+    result = run_script("extract_features.py", "--video_list", reference["list"], "--output", output,
+                        "--bf16", "auto", "--fps", "2", *EXTRACT_ARGS, check=False)
+    assert f"--bf16 auto: off (as {output} was made)" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == f"error: {part}: was made with --fps 1, not 2"
