@@ -3,18 +3,19 @@ EVVE and VCDB.
 
 Each benchmark class reads its annotation pickle (with the restricted
 unpickler of utils.py) and turns a query x database similarity matrix into the
-metrics the papers report, following the evaluators of ViSiL
-(MKLab-ITI/visil), DnS (mever-team/distill-and-select) and TCA
-(xwen99/temporal_context_aggregation). All of them score with the one
-`average_precision` function below, vectorised over numpy arrays instead of
-sorting a Python dict per query and per label set.
+measures the papers report, following the evaluators of ViSiL
+(MKLab-ITI/visil), DnS (mever-team/distill-and-select), TCA
+(xwen99/temporal_context_aggregation) and, for µAP and FIVR "hard", S2VS
+(gkordo/s2vs). Every measure comes from metrics.py: one sort per query ranks
+the database for mAP, µAP, the precision-recall curve and the hard versions.
 
-The common protocol:
-  - rank the database by decreasing similarity; ties keep the column order,
-    as Python's stable `sorted(..., reverse=True)` does upstream;
-  - only the videos that have results count (the "available" subset): a
-    relevant video absent from the results is not counted in the denominator
-    (except on CC_WEB_VIDEO, as upstream), a database id unknown to the
+The common protocol ("available", DnS's and S2VS's):
+  - rank the database by decreasing similarity; equal scores as metrics.py
+    says (column order, as Python's stable `sorted(..., reverse=True)`
+    upstream);
+  - only the videos that have results count: a relevant video absent from the
+    results is not counted in the denominator (except on CC_WEB_VIDEO, as
+    upstream, and in FIVR's `full` protocol), a database id unknown to the
     benchmark is counted, reported and ignored;
   - a benchmark query missing from the results is reported and ignored; a
     query whose relevant set is empty is reported and skipped;
@@ -24,82 +25,26 @@ Per-benchmark details (and where we depart from upstream) are in each class.
 At the end of the file: VCDBPairDataset and collate_pairs, the VCDB training
 pairs that train.py reads.
 """
+import collections
 import itertools
 import os
+import re
 
 import numpy as np
-import torch.utils.data
 
+from metrics import average_precision, micro_average_precision, rank_hits  # noqa: F401 (the measures' API)
 from utils import UserError, load_pickle, open_features, pad_sequences
 
 DOWNLOAD_HINT = "see datasets/README.md for where to download the annotation files (or pass --annotation_dir)"
+EASY_DUPLICATES = "fivr_easy_duplicates.txt"
 
+# The result of a run: `metrics` as --json_out writes them, the queries
+# evaluated, how many database videos had results, and for each mAP key the Task that the per-query rows and the
+# precision-recall curve come from.
+Evaluation = collections.namedtuple("Evaluation", "metrics queries num_database tasks")
+# relevance set `index` of `hits` (metrics.Hits), with its (K, Q) denominators (None: the default)
+Task = collections.namedtuple("Task", "hits index num_relevant trapezoid")
 
-# --------------------------------------------------------------------------
-# the metric: one function for every benchmark
-
-def average_precision(similarities, relevant, ranked, trapezoid=False, num_relevant=None):
-    """Average precision of each query.
-
-    similarities: (Q, D) scores, higher = more similar; NaN = not computed.
-    relevant: (Q, D) bool, the relevant videos of each query, or (K, Q, D)
-        for K relevance sets ranked the same way (FIVR's three tasks), which
-        costs one sort per query instead of K. All relevant videos form the
-        denominator: one that is not ranked counts as never retrieved (FIVR
-        keeps a self-annotated query this way).
-    ranked: (Q, D) or (D,) bool, the videos ranked for each query.
-    trapezoid: EVVE's official AP (trapezoid rule on the precision-recall
-        curve, `score_ap_from_ranks_1` upstream) instead of the usual
-        non-interpolated AP (mean of the precision at each relevant video).
-    num_relevant: (Q,) or (K, Q) denominators, default the number of relevant
-        videos. CC_WEB_VIDEO counts annotated positives that have no result,
-        as upstream does.
-    Returns (Q,) or (K, Q) float64, NaN where a query has no relevant video.
-    """
-    similarities = np.asarray(similarities)
-    relevant = np.asarray(relevant, dtype=bool)
-    one_set = relevant.ndim == 2
-    relevant = np.broadcast_to(relevant, relevant.shape[:-2] + similarities.shape).reshape(-1, *similarities.shape)
-    ranked = np.broadcast_to(np.asarray(ranked, dtype=bool), similarities.shape)
-    num_relevant = relevant.sum(2) if num_relevant is None else np.reshape(num_relevant, relevant.shape[:2])
-    ap = np.full(relevant.shape[:2], np.nan)  # (K, Q)
-    for i in range(similarities.shape[0]):  # Q is small (<= a few thousand); each row is vectorised
-        if not num_relevant[:, i].any():
-            continue
-        keep = ranked[i] & ~np.isnan(similarities[i])
-        scores = similarities[i][keep]  # (N,) in column order
-        sorted_scores = np.sort(scores)  # an unstable value sort is ~20x faster than a stable argsort
-        for k in np.flatnonzero(num_relevant[:, i]):
-            ranks = _ranks_of(scores, sorted_scores, np.flatnonzero(relevant[k, i][keep]))  # 0-based, ascending
-            hits = np.arange(1, len(ranks) + 1)  # relevant videos retrieved so far
-            precision = hits / (ranks + 1)
-            if trapezoid:
-                # precision just before each hit; 1 at rank 0 as in the EVVE code
-                precision_before = np.where(ranks == 0, 1.0, (hits - 1) / np.maximum(ranks, 1))
-                precision = (precision + precision_before) / 2
-            ap[k, i] = precision.sum() / num_relevant[k, i]
-    return ap[0] if one_set else ap
-
-
-def _ranks_of(scores, sorted_scores, positions):
-    """0-based ranks, sorted, of scores[positions] in the ranking of `scores`
-    by decreasing value, ties in index order; sorted_scores = np.sort(scores)."""
-    values = scores[positions]
-    above = np.searchsorted(sorted_scores, values, side="right")
-    rank = len(scores) - above  # number of higher scores
-    tied = np.flatnonzero(above - np.searchsorted(sorted_scores, values, side="left") > 1)
-    if len(tied) > 32:  # many ties (e.g. quantised scores): one stable sort gives the upstream order
-        order = np.argsort(-scores, kind="stable")
-        rank = np.empty(len(scores), dtype=np.int64)
-        rank[order] = np.arange(len(scores))
-        return np.sort(rank[positions])
-    for k in tied:  # equal scores rank in index order, as upstream's stable sort
-        rank[k] += np.count_nonzero(scores[:positions[k]] == values[k])
-    return np.sort(rank)
-
-
-# --------------------------------------------------------------------------
-# benchmarks
 
 def annotation_path(annotation_dir, filename):
     path = os.path.join(annotation_dir, filename)
@@ -114,6 +59,7 @@ class Benchmark:
     name = ""
     metric_names = ()  # as printed in the table
     metric_keys = ()   # as written by --json_out
+    protocols = ("available",)
 
     def canonical(self, video_id):
         """The id under which the annotation knows `video_id`."""
@@ -127,9 +73,19 @@ class Benchmark:
         """Keys under which a feature file may store `video_id`."""
         return [video_id]
 
-    def evaluate(self, query_ids, database_ids, similarities, log=print):
+    def check_protocol(self, protocol):
+        if protocol not in self.protocols:
+            raise UserError(f"--protocol {protocol}: {self.name} has the {' and '.join(self.protocols)} protocol "
+                            "only (full is the official FIVR-200K evaluator's, for FIVR-5K and FIVR-200K)")
+
+    def evaluate(self, query_ids, database_ids, similarities, log=print, protocol="available"):
         """query_ids (Q,), database_ids (D,), similarities (Q, D) -> metrics dict.
         Reports missing queries and unknown ids through `log`."""
+        return self.evaluate_with_details(query_ids, database_ids, similarities, log, protocol).metrics
+
+    def evaluate_with_details(self, query_ids, database_ids, similarities, log=print, protocol="available"):
+        """As `evaluate`, but returns an Evaluation (metrics, queries, num_database, tasks)."""
+        self.check_protocol(protocol)
         similarities = np.asarray(similarities)
         if similarities.ndim != 2 or similarities.shape != (len(query_ids), len(database_ids)):
             raise UserError(f"similarities of shape {similarities.shape} do not match "
@@ -159,7 +115,8 @@ class Benchmark:
         column_of = dict(zip(itertools.compress(database_ids, known), itertools.compress(itertools.count(), known)))
         rows = [row_of[q] for q in queries]
         scores = similarities if rows == list(range(len(query_ids))) else similarities[rows]  # (Q', D)
-        return self._evaluate(queries, column_of, in_database, scores, log)
+        metrics, tasks = self._evaluate(queries, column_of, in_database, scores, log, protocol)
+        return Evaluation(metrics, queries, int(np.count_nonzero(in_database)), tasks)
 
     @staticmethod
     def _relevance(queries, column_of, num_columns, relevant_ids):
@@ -170,6 +127,15 @@ class Benchmark:
         return relevant
 
     @staticmethod
+    def _skip_self(queries, column_of, in_database, shape):
+        """(Q, D) the database videos ranked for each query, the query itself not."""
+        ranked = np.broadcast_to(in_database, shape).copy()
+        for i, q in enumerate(queries):
+            if q in column_of:
+                ranked[i, column_of[q]] = False
+        return ranked
+
+    @staticmethod
     def _mean(ap, queries, what, log):
         """Mean AP over the queries with a relevant set; the others are reported."""
         empty = [q for q, a in zip(queries, ap) if np.isnan(a)]
@@ -178,23 +144,74 @@ class Benchmark:
                 f"and are skipped ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''})")
         return float(np.nanmean(ap)) if len(empty) < len(ap) else float("nan")
 
+    def table_groups(self, metrics):
+        """The table's blocks: [(printed names, keys)], each a header over value lines."""
+        return [(self.metric_names, self.metric_keys)]
+
     def table(self, metrics):
-        """The metrics as the paper's table row: a header line and a value line."""
-        header = " ".join(f"{m:>10}" for m in self.metric_names)
-        values = " ".join(f"{metrics[k]:>10.4f}" for k in self.metric_keys)
-        return f"{header}\n{values}"
+        """The metrics as the paper's table: for each block a header line and a value line."""
+        return self.table_rows({"": metrics})
+
+    def table_rows(self, rows, title="metric"):
+        """rows {label: metrics} as one table: for each block a header line,
+        then one value line per row, its label first ("-": a key the row lacks)."""
+        width = max(len(label) for label in rows)
+        first = "" if not width else f"{title:<{width}} "
+        lines = []
+        for names, keys in self.table_groups(next(iter(rows.values()))):
+            lines.append(first + " ".join(f"{n:>10}" for n in names))
+            for label, metrics in rows.items():
+                values = " ".join(f"{metrics[k]:>10.4f}" if k in metrics else f"{'-':>10}" for k in keys)
+                lines.append((f"{label:<{width}} " if width else "") + values)
+        return "\n".join(lines)
+
+
+def load_easy_duplicates(annotation_dir):
+    """S2VS's FIVR easy duplicates (`fivr_easy_duplicates.txt`, one video id a
+    line) from annotation_dir, or None when the file is not there."""
+    path = os.path.join(annotation_dir, EASY_DUPLICATES)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except (UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{path}: not a list of video ids ({type(e).__name__}); {DOWNLOAD_HINT}") from None
+    ids = set()
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not re.fullmatch(r"[\w\-./]+", line.strip()):
+            raise UserError(f"{path}, line {number}: {line[:40]!r} is not a video id (expected one id a line); "
+                            f"{DOWNLOAD_HINT}")
+        ids.add(line.strip())
+    ids.discard("")
+    if not ids:
+        raise UserError(f"{path}: no video ids; {DOWNLOAD_HINT}")
+    return ids
 
 
 class FIVR(Benchmark):
     """FIVR-5K / FIVR-200K (Kordopatis-Zilos et al. 2019), DnS's `fivr.pickle`.
 
-    Three tasks, each a set of relevant labels: DSVR = {ND, DS},
-    CSVR = {ND, DS, CS}, ISVR = {ND, DS, CS, IS}. The query is never ranked.
-    As upstream, a query annotated as relevant to itself stays in its
-    relevant set (one FIVR query, eCrhXArKE24, is labelled IS to itself).
+    Three retrieval tasks, each a set of relevant labels: DSVR = {ND, DS},
+    CSVR = {ND, DS, CS}, ISVR = {ND, DS, CS, IS}, scored by mAP; DSVD, CSVD,
+    ISVD are the same label sets scored by µAP (S2VS's "detection" tasks).
+    The query is never ranked. As upstream, a query annotated as relevant to
+    itself stays in its relevant set (one FIVR query, eCrhXArKE24, is labelled
+    IS to itself); S2VS drops it.
+
+    Protocols: `available` (DnS, S2VS) counts only the relevant videos that
+    have results; `full` (the official MKLab-ITI/FIVR-200K evaluator) counts
+    every relevant video of the version's database and queries, one without
+    a result as a miss. The rankings are the same; the denominators differ.
+
+    "Hard" (S2VS): the easy duplicates of `fivr_easy_duplicates.txt`, when the
+    annotation folder has it, are dropped from the database, so from the
+    rankings and the relevant sets; every key again with the suffix `_hard`.
     """
     TASKS = {"DSVR": ("ND", "DS"), "CSVR": ("ND", "DS", "CS"), "ISVR": ("ND", "DS", "CS", "IS")}
+    DETECTION = ("DSVD", "CSVD", "ISVD")
     metric_names = metric_keys = ("DSVR", "CSVR", "ISVR")
+    protocols = ("available", "full")
 
     def __init__(self, version="200k", annotation_dir="datasets"):
         path = annotation_path(annotation_dir, "fivr.pickle")
@@ -203,24 +220,58 @@ class FIVR(Benchmark):
             self.annotation = data["annotation"]
             self.queries = [str(q) for q in data[version]["queries"]]
             # a set in the pickle: sort it, so the column order (and tie order) is reproducible
-            self.database = sorted(str(v) for v in data[version]["database"])
+            self.database = sorted(map(str, data[version]["database"]))
         except (KeyError, TypeError):
             raise UserError(f"{path}: not a FIVR annotation file (expected keys 'annotation' and "
                             f"'{version}' with 'queries' and 'database'); {DOWNLOAD_HINT}") from None
         self.name = f"FIVR-{version.upper()}"
         self._database_set = set(self.database)
+        self.easy_duplicates = load_easy_duplicates(annotation_dir)  # None: no hard keys
+        self.easy_duplicates_path = os.path.join(annotation_dir, EASY_DUPLICATES)
 
-    def _evaluate(self, queries, column_of, in_database, scores, log):
-        ranked = np.broadcast_to(in_database, scores.shape).copy()  # (Q, D)
+    def _evaluate(self, queries, column_of, in_database, scores, log, protocol):
+        ranked = self._skip_self(queries, column_of, in_database, scores.shape)  # (Q, D)
+        relevant = np.zeros((len(self.TASKS),) + scores.shape, dtype=bool)  # (3, Q, D)
+        num_full = np.zeros((2,) + relevant.shape[:2], dtype=np.int64)  # `full`: (normal/hard, 3, Q)
+        if protocol == "full":
+            universe = self._database_set | set(self.queries)  # the version's videos
+            easy = self.easy_duplicates or set()
         for i, q in enumerate(queries):
-            if q in column_of:
-                ranked[i, column_of[q]] = False  # skip the query itself
-        relevant = np.stack([  # (3, Q, D)
-            self._relevance(queries, column_of, scores.shape[1],
-                            lambda q: [v for label in labels for v in self.annotation.get(q, {}).get(label, ())])
-            for labels in self.TASKS.values()])
-        ap = average_precision(scores, relevant, ranked)  # (3, Q), one sort per query for the three tasks
-        return {task: self._mean(task_ap, queries, task, log) for task, task_ap in zip(self.TASKS, ap)}
+            labels = self.annotation.get(q, {})
+            for k, task_labels in enumerate(self.TASKS.values()):
+                videos = {v for label in task_labels for v in labels.get(label, ())}
+                relevant[k, i, [column_of[v] for v in videos if v in column_of]] = True
+                if protocol == "full":
+                    num_full[0, k, i] = len(videos & universe)
+                    num_full[1, k, i] = len(videos & universe - easy)
+        if self.easy_duplicates is None:
+            results = [("", rank_hits(scores, relevant, ranked))]
+        else:
+            exclude = np.zeros(scores.shape[1], dtype=bool)
+            exclude[[column_of[v] for v in self.easy_duplicates if v in column_of]] = True
+            results = list(zip(("", "_hard"), rank_hits(scores, relevant, ranked, exclude)))  # one sort for both
+        metrics, tasks = {}, {}
+        for (suffix, hits), num_relevant in zip(results, num_full if protocol == "full" else (None, None)):
+            ap = hits.average_precision(num_relevant)  # (3, Q)
+            uap = hits.micro_average_precision(num_relevant)  # (3,)
+            for k, task in enumerate(self.TASKS):
+                metrics[task + suffix] = self._mean(ap[k], queries, task + suffix, log)
+                tasks[task + suffix] = Task(hits, k, num_relevant, False)
+            metrics.update({task + suffix: float(u) for task, u in zip(self.DETECTION, uap)})
+        return metrics, tasks
+
+    def table_groups(self, metrics):
+        groups = [(self.metric_names, self.metric_keys), (self.DETECTION, self.DETECTION)]
+        if "DSVR_hard" in metrics:
+            groups += [(tuple(f"{k}_hard" for k in keys),) * 2 for _, keys in groups]
+        return groups
+
+    def table_rows(self, rows, title="metric"):
+        table = super().table_rows(rows, title)
+        if self.easy_duplicates is None:
+            table += (f"\nhard: not computed, no {self.easy_duplicates_path} "
+                      "(python datasets/download.py fivr_easy_duplicates)")
+        return table
 
 
 class CC_WEB_VIDEO(Benchmark):
@@ -272,14 +323,14 @@ class CC_WEB_VIDEO(Benchmark):
         video_id = self.canonical(video_id)
         return [video_id, f"{video_id.split('_', 1)[0]}/{video_id}"]
 
-    def _evaluate(self, queries, column_of, in_database, scores, log):
+    def _evaluate(self, queries, column_of, in_database, scores, log, protocol):
         number = np.full(scores.shape[1], -1, dtype=np.int64)  # (D,) annotation number of each column
         for v, j in column_of.items():
             number[j] = self.number[v]
         size = max(self.number.values()) + 2  # lookup tables indexed by number; -1 -> last slot (never set)
         annotated = np.zeros((len(queries), scores.shape[1]), dtype=bool)
         positive, excluded = annotated.copy(), annotated.copy()
-        num_positives, num_clean_positives = np.zeros(len(queries)), np.zeros(len(queries))
+        num_positives, num_clean_positives = np.zeros((1, len(queries))), np.zeros((1, len(queries)))
         for i, q in enumerate(queries):
             query_set = self._query_set[q]
             is_annotated, is_positive, is_excluded = (np.zeros(size, dtype=bool) for _ in range(3))
@@ -289,19 +340,20 @@ class CC_WEB_VIDEO(Benchmark):
             is_positive[positives] = True
             is_excluded[list(excluded_numbers)] = True
             annotated[i], positive[i], excluded[i] = is_annotated[number], is_positive[number], is_excluded[number]
-            num_positives[i] = len(positives)
-            num_clean_positives[i] = sum(n not in excluded_numbers for n in positives)
-        metrics = {}
+            num_positives[0, i] = len(positives)
+            num_clean_positives[0, i] = sum(n not in excluded_numbers for n in positives)
+        metrics, tasks = {}, {}
         for key, whole_collection, clean in (("cc_web", False, False), ("cc_web_star", True, False),
                                              ("cc_web_c", False, True), ("cc_web_star_c", True, True)):
             ranked = in_database & (True if whole_collection else annotated)
             relevant = positive & in_database
             if clean:
                 ranked, relevant = ranked & ~excluded, relevant & ~excluded
-            ap = average_precision(scores, relevant, ranked,
-                                   num_relevant=num_clean_positives if clean else num_positives)
-            metrics[key] = self._mean(ap, queries, key, log)
-        return metrics
+            num_relevant = num_clean_positives if clean else num_positives
+            hits = rank_hits(scores, relevant, ranked, pooled=False)
+            metrics[key] = self._mean(hits.average_precision(num_relevant)[0], queries, key, log)
+            tasks[key] = Task(hits, 0, num_relevant, False)
+        return metrics, tasks
 
 
 class EVVE(Benchmark):
@@ -309,13 +361,14 @@ class EVVE(Benchmark):
 
     AP is the official trapezoid AP of the EVVE evaluation code. Reported:
     `mAP` (mean over queries, "overall mAP" upstream), `avg_mAP` (mean of the
-    13 per-event mAPs, DnS's "avg mAP") and `events` (event -> mAP).
-    Queries are not database videos; query ids among the database columns are
-    ignored. A missing query is ignored in its event's mAP too (upstream's
-    per-event mAP divides by all the event's queries, counting it as AP 0).
+    13 per-event mAPs, DnS's "avg mAP"), `uAP` (µAP of all queries' pairs,
+    the plain precision sum as S2VS, no trapezoids) and `events` (event ->
+    mAP). Queries are not database videos; query ids among the database
+    columns are ignored (S2VS ranks them). A missing query is ignored in its
+    event's mAP too (upstream's per-event mAP divides by all the event's
+    queries, counting it as AP 0).
     """
-    metric_names = ("mAP", "avg_mAP")
-    metric_keys = ("mAP", "avg_mAP")
+    metric_names = metric_keys = ("mAP", "avg_mAP", "uAP")
     name = "EVVE"
 
     def __init__(self, annotation_dir="datasets"):
@@ -330,21 +383,27 @@ class EVVE(Benchmark):
         self.event_of = {q: e for e, (qs, _) in self.events.items() for q in qs}
         self._database_set = set(self.database)
 
-    def _evaluate(self, queries, column_of, in_database, scores, log):
+    def _evaluate(self, queries, column_of, in_database, scores, log, protocol):
         relevant = self._relevance(queries, column_of, scores.shape[1],
                                    lambda q: self.events[self.event_of[q]][1] if q in self.event_of else ())
-        ap = average_precision(scores, relevant, in_database, trapezoid=True)
+        hits = rank_hits(scores, relevant, in_database)
+        ap = hits.average_precision(trapezoid=True)[0]
         events = {}
         for event in sorted(self.events):
             members = [i for i, q in enumerate(queries) if self.event_of.get(q) == event]
             if members:
                 events[event] = self._mean(ap[members], [queries[i] for i in members], event, lambda _: None)
-        mean_ap = self._mean(ap, queries, "EVVE", log)
-        return {"mAP": mean_ap, "avg_mAP": float(np.nanmean(list(events.values()))), "events": events}
+        metrics = {"mAP": self._mean(ap, queries, "EVVE", log), "avg_mAP": float(np.nanmean(list(events.values()))),
+                   "events": events, "uAP": float(hits.micro_average_precision()[0])}
+        return metrics, {"mAP": Task(hits, 0, None, True)}
 
-    def table(self, metrics):
-        lines = [f"{event:<40} {value:.4f}" for event, value in metrics["events"].items()]
-        return "\n".join(lines + ["-" * 47, super().table(metrics)])
+    def table_rows(self, rows, title="metric"):
+        measured = {label: m for label, m in rows.items() if "events" in m}
+        width = max(len(label) for label in measured)
+        lines = [f"{'event':<40} " + " ".join(f"{label:>10}" for label in measured)] if width else []
+        lines += [f"{event:<40} " + " ".join(f"{m['events'].get(event, np.nan):>10.4f}" for m in measured.values())
+                  for event in next(iter(measured.values()))["events"]]
+        return "\n".join(lines + ["-" * 47, super().table_rows(rows, title)])
 
 
 class VCDB(Benchmark):
@@ -354,9 +413,9 @@ class VCDB(Benchmark):
     A query's relevant videos are the core videos it shares a copied segment
     with (`video_pairs`, both directions). Upstream also puts each query into
     its own relevant set while skipping it in the ranking, which caps every AP
-    below 1; we do not.
+    below 1; we do not. `uAP` is the µAP of all queries' pairs (S2VS).
     """
-    metric_names = metric_keys = ("mAP",)
+    metric_names = metric_keys = ("mAP", "uAP")
     name = "VCDB"
 
     def __init__(self, annotation_dir="datasets"):
@@ -376,13 +435,13 @@ class VCDB(Benchmark):
                 self.ground_truth.setdefault(b, set()).add(a)
         self._database_set = set(self.database)
 
-    def _evaluate(self, queries, column_of, in_database, scores, log):
-        ranked = np.broadcast_to(in_database, scores.shape).copy()
-        for i, q in enumerate(queries):
-            if q in column_of:
-                ranked[i, column_of[q]] = False  # skip the query itself
+    def _evaluate(self, queries, column_of, in_database, scores, log, protocol):
+        ranked = self._skip_self(queries, column_of, in_database, scores.shape)
         relevant = self._relevance(queries, column_of, scores.shape[1], lambda q: self.ground_truth[q])
-        return {"mAP": self._mean(average_precision(scores, relevant, ranked), queries, "VCDB", log)}
+        hits = rank_hits(scores, relevant, ranked)
+        metrics = {"mAP": self._mean(hits.average_precision()[0], queries, "VCDB", log),
+                   "uAP": float(hits.micro_average_precision()[0])}
+        return metrics, {"mAP": Task(hits, 0, None, False)}
 
 
 DATASETS = ("FIVR-5K", "FIVR-200K", "CC_WEB_VIDEO", "EVVE", "VCDB")
@@ -405,8 +464,10 @@ def load_benchmark(name, annotation_dir="datasets"):
 # --------------------------------------------------------------------------
 # VCDB training pairs (used by train.py)
 
-class VCDBPairDataset(torch.utils.data.Dataset):
-    """VCDB copy pairs for supervised contrastive training.
+class VCDBPairDataset:
+    """VCDB copy pairs for supervised contrastive training: a map-style dataset
+    for torch's DataLoader (which needs only __len__ and __getitem__; not
+    subclassing torch's Dataset keeps data.py free of torch).
 
     Item `index` is (anchor (Ta, C), positive (Tp, C), negatives [neg_num x (Tn, C)]):
     the two videos of `video_pairs[index]` of vcdb.pickle and `neg_num` videos drawn

@@ -41,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data import DATASETS, load_benchmark
+import report
 from utils import (FRAMES_PER_BATCH, UserError, atomic_path, balanced_owners, check_writable, init_distributed,
                    l2_normalize, length_buckets, load_checkpoint, local_device, open_features, os_error_line,
                    pad_sequences, read_features, run_main)
@@ -109,6 +110,17 @@ def get_args_parser():
                         help="Write the metrics to this JSON file (several metrics: {metric: metrics})")
     parser.add_argument("--results_csv", type=str, default=None,
                         help="Append one row per metric (dataset, checkpoint, metric, scores, s/query) to this CSV file")
+    parser.add_argument("--protocol", type=str, default="available",
+                        help="FIVR: 'available' counts only the relevant videos that have results (DnS, S2VS); 'full' "
+                             "is the official FIVR-200K evaluator's, a relevant video without a result is a miss "
+                             "(default: %(default)s)")
+    parser.add_argument("--pr_curve", type=str, default=None,
+                        help="Write each task's 21-point interpolated precision-recall curve (the official FIVR-200K "
+                             "evaluator's, mean over the queries) to this CSV file")
+    parser.add_argument("--plot", type=str, default=None, help="Draw those curves, one line per task, into this PNG")
+    parser.add_argument("--per_query", type=str, default=None,
+                        help="Write each query's AP, number of relevant videos and rank of the first relevant one, "
+                             "per task, to this CSV file")
     return parser
 
 
@@ -535,10 +547,11 @@ def main():
         raise UserError("--save_similarities writes a model's similarities; it needs model mode")
     metrics = parse_metrics(args.metric) if not args.similarities else ["precomputed"]
     outputs = [similarity_path(args.save_similarities, m, metrics) for m in metrics if args.save_similarities]
-    for path in outputs + [p for p in (args.json_out, args.results_csv) if p]:
+    for path in outputs + [p for p in (args.json_out, args.results_csv, args.pr_curve, args.plot, args.per_query) if p]:
         check_writable(path)  # now, not after encoding the whole benchmark
 
     benchmark = load_benchmark(args.dataset, args.annotation_dir)
+    benchmark.check_protocol(args.protocol)
     stats, dist = {}, None
     if args.similarities:
         query_ids, database_ids, similarities = load_similarities(args.similarities)
@@ -557,18 +570,14 @@ def main():
         if dist.rank != 0:
             return  # rank 0 evaluates and writes every output
 
-    results = {m: benchmark.evaluate(query_ids, database_ids, similarities[m],
-                                     log=print if i == 0 else lambda *a: None) for i, m in enumerate(metrics)}
-    print(f"===== {benchmark.name} =====")
-    if len(metrics) == 1:
-        print(benchmark.table(results[metrics[0]]))
-    else:
-        width = max(len(m) for m in metrics)
-        for i, m in enumerate(metrics):
-            header, values = benchmark.table(results[m]).split("\n", 1)
-            if i == 0:
-                print(f"{'metric':<{width}} {header}")
-            print(f"{m:<{width}} {values}")
+    evaluations = {m: benchmark.evaluate_with_details(query_ids, database_ids, similarities[m],
+                                                      log=print if i == 0 else lambda *a: None, protocol=args.protocol)
+                   for i, m in enumerate(metrics)}
+    results = {m: e.metrics for m, e in evaluations.items()}
+    title = f"{benchmark.name}, protocol {args.protocol}" if len(benchmark.protocols) > 1 else benchmark.name
+    print(f"===== {benchmark.name} =====" + (f" protocol: {args.protocol}" if len(benchmark.protocols) > 1 else ""))
+    tca = not args.similarities and not args.baseline and type(model).__name__ == "TCA"
+    print(report.results_table(benchmark, evaluations, METRICS if tca else None))  # the paper's rows: TCA only
     if stats:
         storage = ", ".join(f"{stats['storage_kb_per_video'][m]:.2f} KB/video ({m})" for m in metrics)
         print(f"{stats['s_per_query']:.4f} s/query, {storage}, "
@@ -592,6 +601,10 @@ def main():
                 print(f"saved similarities to {path}")
     if args.json_out:
         write(args.json_out, lambda: write_json(args.json_out, results[metrics[0]] if len(metrics) == 1 else results))
+    for path, save in ((args.pr_curve, report.write_pr_curves), (args.per_query, report.write_per_query),
+                       (args.plot, lambda path, e: report.plot_pr_curves(path, e, title))):
+        if path:
+            write(path, lambda: save(path, evaluations))
     if args.results_csv:
         rows = []
         for m in metrics:

@@ -1,6 +1,7 @@
 """Download the benchmarks' annotation files into datasets/ and check them
 against their known SHA-256. Usage: python datasets/download.py [name ...]
-(names: fivr cc_web_video cc_web_video_tca evve vcdb; default: all)."""
+(names: fivr fivr_easy_duplicates cc_web_video cc_web_video_tca evve vcdb;
+default: all)."""
 import argparse
 import hashlib
 import os
@@ -11,9 +12,12 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 GITHUB = "https://raw.githubusercontent.com"
 FILES = {
-    # name: (url, sha256)
+    # name: (url, sha256); saved as <name>.pickle, or under the url's file name when it is not a pickle
     "fivr": (f"{GITHUB}/mever-team/distill-and-select/main/datasets/fivr.pickle",
              "dce327ab664dfaade878a3fb474f7a598141a513c484572f95629dcbf1c020f3"),
+    # S2VS's easy duplicates (MIT), for FIVR "hard"
+    "fivr_easy_duplicates": (f"{GITHUB}/gkordo/s2vs/main/data/fivr_easy_duplicates.txt",
+                             "b50b7135d68d686c9a09f16196e134cab36d16007377c53f54c49ba83bc7efdb"),
     "cc_web_video": (f"{GITHUB}/MKLab-ITI/visil/master/datasets/cc_web_video.pickle",
                      "6c33932cfa6ed08eb02fb47189b38bcef124c07794e99adf5c04163dcf4c52fe"),
     "cc_web_video_tca": (f"{GITHUB}/xwen99/temporal_context_aggregation/master/datasets/cc_web_video.pickle",
@@ -39,7 +43,7 @@ def main():
     failed = []
     for name in names:
         url, sha256 = FILES[name]
-        target = os.path.join(args.out_dir, f"{name}.pickle")
+        target = os.path.join(args.out_dir, f"{name}.pickle" if url.endswith(".pickle") else os.path.basename(url))
         if os.path.exists(target) and hashlib.sha256(open(target, "rb").read()).hexdigest() == sha256:
             print(f"{target}: already present")
             continue
@@ -47,7 +51,7 @@ def main():
             with urllib.request.urlopen(url, timeout=60) as response:
                 data = response.read()
         except (urllib.error.URLError, OSError) as e:
-            print(f"error: cannot download {url} ({e}); without internet, copy {name}.pickle into "
+            print(f"error: cannot download {url} ({e}); without internet, copy {os.path.basename(target)} into "
                   f"{args.out_dir} from a machine that has it (see datasets/README.md)", file=sys.stderr)
             failed.append(name)
             continue

@@ -120,7 +120,8 @@ def test_fivr_200k_sizes_and_full_ranking():
     sims = np.array([[max([level[l] for l in level if c in b.annotation[q].get(l, ())] + [0.0]) for c in columns]
                      for q in qs])
     m = b.evaluate(qs, columns, sims, log=Log())
-    assert m == {"DSVR": pytest.approx(1.0), "CSVR": pytest.approx(1.0), "ISVR": pytest.approx(1.0)}
+    tasks = ["DSVR", "CSVR", "ISVR", "DSVD", "CSVD", "ISVD"]
+    assert m == {k: pytest.approx(1.0) for k in tasks + [f"{t}_hard" for t in tasks]}
 
 
 def test_no_query_in_results_is_an_error(fivr5k):
@@ -267,3 +268,100 @@ def test_custom_fivr_format_benchmark(tmp_path):
     m = b.evaluate(["q"], ["a", "b", "c"], np.array([[0.9, 0.8, 0.1]]), log=Log())
     assert m["DSVR"] == pytest.approx(1 / 2)
     assert m["ISVR"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+# --------------------------------------------------------------------------
+# µAP, FIVR "hard" and the `full` protocol (issue 14)
+
+def fivr_dir(tmp_path, annotation_dir, easy_duplicates=None):
+    """An annotation folder with the real fivr.pickle and, if given, this easy-duplicates text."""
+    os.symlink(os.path.join(annotation_dir, "fivr.pickle"), tmp_path / "fivr.pickle")
+    if easy_duplicates is not None:
+        (tmp_path / "fivr_easy_duplicates.txt").write_text(easy_duplicates)
+    return str(tmp_path)
+
+
+def fivr5k_query(b):
+    """A FIVR-5K query with two ND/DS videos in the 5K database, and two unannotated database videos."""
+    q = b.queries[0]
+    near = sorted({v for label in ("ND", "DS") for v in b.annotation[q].get(label, ())} & set(b.database))
+    annotated = {v for vs in b.annotation[q].values() for v in vs}
+    negatives = sorted(set(b.database) - annotated)[:2]
+    return q, near, negatives
+
+
+def test_fivr_hard_drops_exactly_the_listed_videos(tmp_path, annotation_dir):
+    b = FIVR("5k", annotation_dir)
+    q, (d1, d2, *_), (n1, n2) = fivr5k_query(b)
+    columns = [d1, n1, d2, n2]
+    sims = np.array([[0.9, 0.8, 0.7, 0.6]])
+    listed = FIVR("5k", fivr_dir(tmp_path, annotation_dir, f"{d1}\n{n1}\n\nnot_in_fivr\n"))
+    m = listed.evaluate([q], columns, sims, log=Log())
+    # normal: d1 (hit), n1, d2 (hit), n2 over the DSVR videos that have results {d1, d2}
+    assert m["DSVR"] == pytest.approx((1 + 2 / 3) / 2)
+    # hard: d1 and n1 leave the ranking and the relevant set: d2 (hit), n2
+    assert m["DSVR_hard"] == pytest.approx(1.0)
+    assert m["DSVD_hard"] == pytest.approx(1.0)  # one query: µAP = AP
+    assert m["DSVD"] == pytest.approx(m["DSVR"])
+    # the real list: 595 of its videos are in the FIVR-5K database, none a query
+    assert len(b.easy_duplicates) == 4873 and len(b.easy_duplicates & set(b.database)) == 595
+
+
+def test_fivr_without_easy_duplicates_file_has_no_hard_keys(tmp_path, annotation_dir):
+    b = FIVR("5k", fivr_dir(tmp_path, annotation_dir))
+    q, (d1, *_), (n1, _) = fivr5k_query(b)
+    m = b.evaluate([q], [n1, d1], np.array([[0.9, 0.8]]), log=Log())
+    assert set(m) == {"DSVR", "CSVR", "ISVR", "DSVD", "CSVD", "ISVD"}
+    assert "hard: not computed, no " in b.table(m) and "datasets/download.py" in b.table(m)
+
+
+@pytest.mark.parametrize("text, where", [("abc def\n", "line 1"), ("ok_id\n\xe9t\xe9\n", "UnicodeDecodeError"),
+                                         ("\n\n", "no video ids")])
+def test_malformed_easy_duplicates_file(tmp_path, annotation_dir, text, where):
+    (tmp_path / "fivr_easy_duplicates.txt").write_bytes(text.encode("latin-1"))
+    os.symlink(os.path.join(annotation_dir, "fivr.pickle"), tmp_path / "fivr.pickle")
+    with pytest.raises(UserError, match="fivr_easy_duplicates.txt") as error:
+        FIVR("5k", str(tmp_path))
+    assert where in str(error.value) and "\n" not in str(error.value)
+
+
+def test_fivr_full_protocol_counts_relevant_videos_without_results_as_misses(annotation_dir):
+    b = FIVR("5k", annotation_dir)
+    q, (d1, d2, *_), (n1, n2) = fivr5k_query(b)
+    columns = [d1, n1, d2, n2]
+    sims = np.array([[0.9, 0.8, 0.7, 0.6]])
+    available = b.evaluate([q], columns, sims, log=Log())
+    full = b.evaluate([q], columns, sims, log=Log(), protocol="full")
+    universe = set(b.database) | set(b.queries)
+    for task, labels in FIVR.TASKS.items():
+        relevant = {v for label in labels for v in b.annotation[q].get(label, ())}
+        found = relevant & set(columns)
+        # the same hits, over every relevant video of the 5K version instead of those with results
+        assert full[task] == pytest.approx(available[task] * len(found) / len(relevant & universe))
+        hard = relevant & universe - b.easy_duplicates
+        assert full[f"{task}_hard"] == pytest.approx(available[f"{task}_hard"] * len(found - b.easy_duplicates)
+                                                     / len(hard))
+    assert full["DSVD"] == pytest.approx(full["DSVR"])  # one query
+
+
+def test_full_protocol_is_fivr_only(annotation_dir):
+    b = EVVE(annotation_dir)
+    with pytest.raises(UserError, match="--protocol full: EVVE has the available protocol only"):
+        b.evaluate([b.queries[0]], [b.database[0]], np.zeros((1, 1)), log=Log(), protocol="full")
+
+
+def test_evve_and_vcdb_micro_average_precision(annotation_dir):
+    b = EVVE(annotation_dir)
+    event = sorted(b.events)[0]
+    qa, qb = sorted(b.events[event][0])[:2]
+    a1, a2 = sorted(b.events[event][1])[:2]
+    n1 = sorted(set(b.database) - b.events[event][1])[0]
+    m = b.evaluate([qa, qb], [a1, n1, a2], np.array([[0.9, 0.8, 0.7], [0.85, 0.95, 0.1]]), log=Log())
+    # pool: qb n1 .95, qa a1 .9 (hit), qb a1 .85 (hit), qa n1 .8, qa a2 .7 (hit), qb a2 .1 (hit);
+    # N = 2 + 2 relevant videos with results; the plain precision sum, no trapezoids
+    assert m["uAP"] == pytest.approx((1 / 2 + 2 / 3 + 3 / 5 + 4 / 6) / 4)
+    v = VCDB(annotation_dir)
+    q = v.queries[0]
+    gt1, gt2 = sorted(v.ground_truth[q])[:2]
+    m = v.evaluate([q], [q, gt1, v.database[600], gt2], np.array([[1.0, 0.9, 0.8, 0.7]]), log=Log())
+    assert m["uAP"] == pytest.approx(m["mAP"]) and m["uAP"] == pytest.approx((1 + 2 / 3) / 2)

@@ -70,7 +70,7 @@ def test_similarity_files_round_trip_and_json_out(ext, tmp_path, capsys):
                           "--json_out", tmp_path / "m.json"], capsys)
     assert status == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert set(metrics) == {"DSVR", "CSVR", "ISVR"}
+    assert {"DSVR", "CSVR", "ISVR"} <= set(metrics)  # and the µAP / hard keys (issue 14)
     assert metrics["DSVR"] == pytest.approx(expected_dsvr)
     assert "48 queries are missing" in out and "DSVR" in out
 
@@ -448,3 +448,68 @@ def test_outputs_are_checked_before_the_work_and_a_full_disk_loses_nothing_else(
     status, out, err = run(common + ["--json_out", small_tmpfs / "m.json"], capsys)
     assert status == 2 and "=====" not in out
     assert err.strip().splitlines()[-1].startswith(f"error: {small_tmpfs / 'm.json'}: cannot write in {small_tmpfs}")
+
+
+# --------------------------------------------------------------------------
+# µAP, hard, --protocol, --pr_curve, --plot, --per_query (issue 14)
+
+def test_protocol_curves_and_per_query_outputs(tmp_path, capsys, annotation_dir):
+    import pandas as pd
+    from PIL import Image
+    queries, columns, sims, expected_dsvr = fivr5k_case()
+    evaluation.save_similarities(str(tmp_path / "s.npz"), queries, columns, sims)
+    common = ["--dataset", "FIVR-5K", "--annotation_dir", annotation_dir, "--similarities", tmp_path / "s.npz"]
+    status, out, err = run(common + ["--protocol", "full", "--json_out", tmp_path / "m.json", "--pr_curve",
+                                     tmp_path / "pr.csv", "--plot", tmp_path / "pr.png", "--per_query",
+                                     tmp_path / "q.csv", "--results_csv", tmp_path / "runs.csv"], capsys)
+    assert status == 0, err
+    assert "===== FIVR-5K ===== protocol: full" in out
+    assert "DSVD" in out and "ISVR_hard" in out
+    full = json.loads((tmp_path / "m.json").read_text())
+    tasks = ["DSVR", "CSVR", "ISVR", "DSVD", "CSVD", "ISVD"]
+    assert set(full) == set(tasks + [f"{t}_hard" for t in tasks])
+    assert full["DSVR"] < expected_dsvr  # the relevant videos without results are misses now
+    per_query = pd.read_csv(tmp_path / "q.csv")
+    assert set(per_query["query"]) == set(queries) and set(per_query["task"]) == {"DSVR", "CSVR", "ISVR",
+                                                                                   "DSVR_hard", "CSVR_hard",
+                                                                                   "ISVR_hard"}
+    dsvr = per_query[per_query.task == "DSVR"]
+    assert dsvr["AP"].mean() == pytest.approx(full["DSVR"])
+    assert dsvr["first_relevant_rank"].tolist() == [1, 2]  # the case's hand-worked ranking
+    curves = pd.read_csv(tmp_path / "pr.csv")
+    assert list(curves.columns) == ["metric", "task", "recall", "precision"] and len(curves) == 6 * 21
+    with Image.open(tmp_path / "pr.png") as image:
+        assert image.format == "PNG"
+        image.load()
+    assert {"DSVD", "ISVR_hard"} <= set(pd.read_csv(tmp_path / "runs.csv").columns)
+
+
+def test_new_bad_inputs_are_one_line(tmp_path, capsys, annotation_dir):
+    queries, columns, sims, _ = fivr5k_case()
+    evaluation.save_similarities(str(tmp_path / "s.npz"), queries, columns, sims)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    os.symlink(os.path.join(annotation_dir, "fivr.pickle"), bad / "fivr.pickle")
+    (bad / "fivr_easy_duplicates.txt").write_text("abcdefghijk\nnot an id\n")
+    cases = [
+        (["--dataset", "FIVR-5K", "--annotation_dir", bad], "fivr_easy_duplicates.txt, line 2"),
+        (["--dataset", "EVVE", "--annotation_dir", annotation_dir, "--protocol", "full"], "--protocol full: EVVE"),
+        (["--dataset", "FIVR-5K", "--annotation_dir", annotation_dir, "--protocol", "official"], "--protocol official"),
+        (["--dataset", "FIVR-5K", "--annotation_dir", annotation_dir, "--plot", "/proc/curves.png"],
+         "/proc/curves.png: cannot write"),
+    ]
+    for argv, message in cases:
+        status, out, err = run(argv + ["--similarities", tmp_path / "s.npz"], capsys)
+        assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, (argv, err)
+        assert "=====" not in out
+
+
+def test_similarity_path_imports_no_torch(tmp_path, annotation_dir):
+    queries, columns, sims, _ = fivr5k_case()
+    evaluation.save_similarities(str(tmp_path / "s.npz"), queries, columns, sims)
+    result = subprocess.run([sys.executable, "-X", "importtime", "evaluation.py", "--dataset", "FIVR-5K",
+                             "--annotation_dir", annotation_dir, "--similarities", tmp_path / "s.npz"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "import time:" in line]
+    assert "numpy" in imported and not [m for m in imported if m.split(".")[0] == "torch"]
