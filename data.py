@@ -66,7 +66,7 @@ class Benchmark:
         return video_id
 
     def canonical_ids(self, ids):
-        return [str(v) for v in ids] if type(self).canonical is Benchmark.canonical \
+        return list(map(str, ids)) if type(self).canonical is Benchmark.canonical \
             else [self.canonical(str(v)) for v in ids]
 
     def feature_keys(self, video_id):
@@ -399,10 +399,13 @@ class EVVE(Benchmark):
 
     def table_rows(self, rows, title="metric"):
         measured = {label: m for label, m in rows.items() if "events" in m}
-        width = max(len(label) for label in measured)
-        lines = [f"{'event':<40} " + " ".join(f"{label:>10}" for label in measured)] if width else []
-        lines += [f"{event:<40} " + " ".join(f"{m['events'].get(event, np.nan):>10.4f}" for m in measured.values())
-                  for event in next(iter(measured.values()))["events"]]
+        events = next(iter(measured.values()))["events"]
+        if len(measured) == 1:
+            lines = [f"{event:<40} {value:.4f}" for event, value in events.items()]
+        else:  # one column per measured row
+            lines = [f"{'event':<40} " + " ".join(f"{label:>10}" for label in measured)]
+            lines += [f"{event:<40} " + " ".join(f"{m['events'][event]:>10.4f}" for m in measured.values())
+                      for event in events]
         return "\n".join(lines + ["-" * 47, super().table_rows(rows, title)])
 
 

@@ -42,6 +42,7 @@ def rank_hits(similarities, relevant, ranked, exclude=None, pooled=True):
     relevant = np.asarray(relevant, dtype=bool)
     relevant = np.broadcast_to(relevant, relevant.shape[:-2] + similarities.shape).reshape(-1, *similarities.shape)
     ranked = np.broadcast_to(np.asarray(ranked, dtype=bool), similarities.shape)
+    exclude = None if exclude is None else np.asarray(exclude, dtype=bool)
     num_queries = similarities.shape[0]
     keep = ranked & ~np.isnan(similarities)  # (Q, D)
     rows, columns = np.nonzero(relevant.any(0) & keep)  # the hits, by query then column
@@ -90,7 +91,7 @@ def rank_hits(similarities, relevant, ranked, exclude=None, pooled=True):
     if exclude is None:
         return hits
     kept = ~exclude[columns]
-    num_relevant = relevant.sum(2) - relevant[:, :, np.asarray(exclude, dtype=bool)].sum(2)
+    num_relevant = relevant.sum(2) - relevant[:, :, exclude].sum(2)
     return hits, Hits(rows[kept], row_before[0, kept], pool_rank[0, kept] if pooled else None, member[:, kept],
                       num_relevant)
 
