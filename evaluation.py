@@ -422,6 +422,7 @@ def model_similarities(model, features, feature_path, benchmark, metrics, paddin
     import torch
     from similarity import chamfer_similarities, chamfer_similarity, cosine_similarity
     rank, size = (dist.rank, dist.size) if dist is not None else (0, 1)
+    started = time.perf_counter()
     channels = getattr(model, "feature_size", None)
     query_ids, query_keys, query_lengths = find_features(features, feature_path, benchmark, benchmark.queries,
                                                          "queries", channels)
@@ -479,7 +480,8 @@ def model_similarities(model, features, feature_path, benchmark, metrics, paddin
         full = np.empty((len(query_ids), len(database_ids)), dtype=np.float32)
         full[:, shard] = columns[m].T
         similarities[m] = full
-    stats = {"s_per_query": (query_seconds + similarity_seconds) / len(query_ids),
+    stats = {"seconds": time.perf_counter() - started,  # reading, encoding, scoring, gathering: the whole job
+             "s_per_query": (query_seconds + similarity_seconds) / len(query_ids),
              "database_s_per_video": database_seconds * size / len(database_ids),  # this rank's share
              "storage_kb_per_video": {m: stored[0 if m == "cosine" else 1] * 4 / 1024 / len(database_ids)
                                       for m in metrics}}  # float32
@@ -581,7 +583,8 @@ def main():
     if stats:
         storage = ", ".join(f"{stats['storage_kb_per_video'][m]:.2f} KB/video ({m})" for m in metrics)
         print(f"{stats['s_per_query']:.4f} s/query, {storage}, "
-              f"database encoding {stats['database_s_per_video'] * 1000:.2f} ms/video")
+              f"database encoding {stats['database_s_per_video'] * 1000:.2f} ms/video; "
+              f"encoded and scored in {stats['seconds']:.2f} s" + (f" on {dist.size} ranks" if dist.size > 1 else ""))
 
     # every output is tried: one that fails (disk full, ...) is reported and does not stop the others
     failed = []
