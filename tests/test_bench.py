@@ -1,43 +1,92 @@
-"""bench/run_bench.py --quick runs every section and writes a report and a
-JSON file with every figure the full `make bench` reports."""
+"""bench/: the timing and target helpers on hand-computed cases, and a
+`--quick` run of every section whose report `--render_only` reproduces."""
 import json
 import os
 import subprocess
 import sys
 
-from conftest import ANNOTATION_DIR as ANNOTATIONS
+from bench.common import Target, check_targets, interleaved, summary, tca_flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quick_run_reports_every_section(tmp_path):
+def test_summary_is_median_min_max():
+    assert summary([3, 1, 2, 10], "s") == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4, "unit": "s"}
+
+
+def test_interleaved_runs_every_contender_once_per_round():
+    calls = []
+    seconds = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1)
+    assert calls == ["a", "b", "a", "b", "a", "b"]  # the warm-up, then two rounds
+    assert [len(s) for s in seconds.values()] == [2, 2]
+
+
+def test_tca_flops_hand_computed():
+    # one video of 2 frames, C=4, feed-forward 8: 2 * (8*16 + 4*4*8) + 4 * 2**2 * 4
+    assert tca_flops([2], channels=4, feedforward=8) == 576.0
+
+
+def test_check_targets_rows():
+    results = {"config": {"database": 20000},
+               "speedup": summary([1.2, 1.5, 1.8], "x"),
+               "fraction": summary([0.6]),
+               "seconds": summary([2.5], "s")}
+    targets = (Target("speed-up", ("speedup",), 1.5, "≥ 1.5×"),
+               Target("of peak", ("fraction",), 0.8, "≥ 80%"),
+               Target("retrieval ({config[database]:,})", ("seconds",), 2.0, "< 2 s", higher_is_better=False),
+               Target("a mode this run left out", ("bf16", "fraction"), 0.8, "≥ 80%"))
+    assert check_targets(targets, results) == [
+        {"figure": "speed-up", "measured": "1.5 [1.2–1.8] x", "target": "≥ 1.5×", "met": True, "shortfall": ""},
+        {"figure": "of peak", "measured": "60% [60–60%]", "target": "≥ 80%", "met": False,
+         "shortfall": "short by 25% (0.6 vs 0.8)"},
+        {"figure": "retrieval (20,000)", "measured": "2.5 [2.5–2.5] s", "target": "< 2 s", "met": False,
+         "shortfall": "over by 25% (2.5 vs 2)"},
+    ]
+
+
+def test_unknown_section_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "run_bench.py"), "--sections", "tca,nope",
+                           "--out", str(tmp_path / "B.md"), "--json", str(tmp_path / "b.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: unknown section(s) nope" in proc.stderr
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_quick_run_reports_every_section(tmp_path, annotation_dir):
     out, results = tmp_path / "BENCHMARKS.md", tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "run_bench.py"), "--quick",
-                           "--out", str(out), "--json", str(results), "--annotation_dir", ANNOTATIONS],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    bench = [sys.executable, os.path.join(REPO, "bench", "run_bench.py"), "--json", str(results)]
+    proc = subprocess.run(bench + ["--quick", "--out", str(out), "--annotation_dir", annotation_dir],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(results.read_text())
 
     for section in ("peak", "tca", "chamfer", "retrieval", "map", "train", "extraction"):
         assert section in data and "error" not in data[section], (section, data.get(section))
-    assert data["peak"]["gflops"]["median"] > 0
-    for key in ("median", "min", "max", "n"):
-        assert key in data["tca"]["speedup"]
-    assert data["tca"]["speedup"]["min"] <= data["tca"]["speedup"]["median"] <= data["tca"]["speedup"]["max"]
+    assert data["meta"]["quick"] is True
     # the project's results agree with the naive baselines they are timed against
     assert data["tca"]["max_abs_diff_vs_upstream"] < 1e-4
     assert data["chamfer"]["chamfer"]["max_abs_diff_vs_loop"] < 1e-4
     assert data["chamfer"]["symmetric_chamfer"]["max_abs_diff_vs_loop"] < 1e-4
     assert data["map"]["max_abs_diff_vs_visil"] < 1e-9
     assert set(data["map"]["mAP"]) == {"DSVR", "CSVR", "ISVR"}
-    assert data["train"]["workers_2"]["pairs_per_s"]["median"] > 0
-    for mode in data["extraction"]["config"]["modes"]:
-        assert data["extraction"][mode]["pipeline_frames_per_s"]["median"] > 0
-        assert data["extraction"][mode]["pipeline_overlap_frames_per_s"]["median"] > 0
-        assert data["extraction"][mode]["resnet50_forward_yardstick_frames_per_s"]["median"] > 0
-        assert data["extraction"][mode]["max_abs_diff_overlap_vs_lanes"] < 1e-5  # same features either way
+    assert data["train"]["workers_2"]["steps_timed"] == 1  # 2 steps, the first dropped as warm-up
+    assert data["extraction"]["config"]["modes"] == ["fp32"]
+    assert data["extraction"]["fp32"]["max_abs_diff_overlap_vs_lanes"] < 1e-5  # same features either way
     assert data["extraction"]["fp32"]["mean_cosine_to_fp32"] > 0.9999
 
+    # one row per target of the sections run: tca 2, chamfer 2, retrieval 1, map 1, extraction's one mode 1
+    figures = [row["figure"] for row in data["targets"]]
+    assert len(figures) == 7
+    assert "FIVR-200K-scale TCA_c retrieval (10 × 20,000, top-100)" in figures
     report = out.read_text()
-    assert "## Targets" in report and "## Conditions" in report
-    assert len(data["targets"]) >= 6 and all("met" in row for row in data["targets"])
+    assert "QUICK smoke run" in report
+    for row in data["targets"]:
+        assert f"| {row['figure']} | {row['measured']} | {row['target']} |" in report
+
+    # --render_only rewrites the same report from the JSON alone
+    again = tmp_path / "again.md"
+    proc = subprocess.run(bench + ["--render_only", "--out", str(again)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert again.read_text() == report
