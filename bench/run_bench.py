@@ -21,6 +21,9 @@ does the job; it holds its problem sizes (SIZES), the targets it is held to
               1 and 2 Horovod workers
   extraction  pre-processing/extract_features.py pipeline vs the ResNet-50
               forward alone, fp32 / channels_last / bf16
+  scaling     evaluation.py under horovodrun (2 ranks vs 1 process), --metric
+              all vs one metric and vs three runs, float16 storage, and
+              FIVR-200K's hours on paper from the measured per-frame costs
 
 Every figure is the median of several repeats with min and max. Ratios are
 taken within one round: each round runs every contender once, back to back,
@@ -48,11 +51,11 @@ sys.path.insert(1, os.path.join(REPO, "pre-processing"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench import chamfer, common, extraction, fivr_map, peak, render, retrieval, tca, training  # noqa: E402
+from bench import chamfer, common, extraction, fivr_map, peak, render, retrieval, scaling, tca, training  # noqa: E402
 from utils import UserError, available_cores, run_main  # noqa: E402
 
 SECTIONS = {"peak": peak, "tca": tca, "chamfer": chamfer, "retrieval": retrieval, "map": fivr_map,
-            "train": training, "extraction": extraction}  # in the report's order
+            "train": training, "extraction": extraction, "scaling": scaling}  # in the report's order
 
 
 def get_args_parser():
@@ -118,6 +121,7 @@ def measure(names, sizes, args):
         "map": lambda size: fivr_map.run(size, args.annotation_dir, workdir),
         "train": lambda size: training.run(size, workdir),
         "extraction": lambda size: extraction.run(size, args.resnet_weights),
+        "scaling": lambda size: scaling.run(size, workdir, results),  # after extraction: its rates
     }
     results = {}
     try:

@@ -61,7 +61,7 @@ def test_quick_run_reports_every_section(tmp_path, annotation_dir):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(results.read_text())
 
-    for section in ("peak", "tca", "chamfer", "retrieval", "map", "train", "extraction"):
+    for section in ("peak", "tca", "chamfer", "retrieval", "map", "train", "extraction", "scaling"):
         assert section in data and "error" not in data[section], (section, data.get(section))
     assert data["meta"]["quick"] is True
     # the project's results agree with the naive baselines they are timed against
@@ -75,9 +75,12 @@ def test_quick_run_reports_every_section(tmp_path, annotation_dir):
     assert data["extraction"]["fp32"]["max_abs_diff_overlap_vs_lanes"] < 1e-5  # same features either way
     assert data["extraction"]["fp32"]["mean_cosine_to_fp32"] > 0.9999
 
-    # one row per target of the sections run: tca 2, chamfer 2, retrieval 1, map 1, extraction's one mode 1
+    assert data["scaling"]["bytes_per_frame_float16"] < 0.6 * data["scaling"]["bytes_per_frame_float32"]
+    assert data["scaling"]["max_abs_map_difference_float16"] < 1e-3
+    # one row per target of the sections run: tca 2, chamfer 2, retrieval 1, map 1, extraction's one mode 1,
+    # scaling 3
     figures = [row["figure"] for row in data["targets"]]
-    assert len(figures) == 7
+    assert len(figures) == 10
     assert "FIVR-200K-scale TCA_c retrieval (10 × 20,000, top-100)" in figures
     report = out.read_text()
     assert "QUICK smoke run" in report
