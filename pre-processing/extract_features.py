@@ -4,6 +4,7 @@ the outputs of layer1..layer4, as TCA's pre-processing does.
 
     python pre-processing/extract_features.py --video_list videos.tsv --output imac.h5
     python pre-processing/extract_features.py --frames_dir frames/ --output imac.h5
+    horovodrun -np 8 -H host1:4,host2:4 python pre-processing/extract_features.py --video_list videos.tsv --output imac.h5
 
 With --video_list the videos are decoded by parallel worker processes
 (extract_frames.decode_frames: 1 fps, shorter side 256, centre crop 256) and
@@ -13,11 +14,16 @@ instead. On a CPU each worker process (one per core) runs the CNN itself, one
 thread, on the videos it decodes, in batches of 8 (--schedule lanes); on a
 GPU the main process runs it on batches of 64 frames across videos while the
 workers decode ahead (--schedule overlap). On a CPU the lanes and the
-small batches measured faster (BENCHMARKS.md); no GPU was measured.
+small batches measured faster (BENCHMARKS.md); no GPU was measured. With
+--pca_params the features are PCA-whitened (pca.py's function) before they
+are stored, at --dtype.
 
-Killing the run loses at most --checkpoint_every seconds of work; a re-run
-skips the videos already extracted. Videos that cannot be decoded are
-reported, listed in a failures file and skipped.
+Under horovodrun the ranks share the videos (sharding.py), each on its local
+GPU or its share of the cores, and rank 0 merges their parts. Killing the run
+loses at most --checkpoint_every seconds of work; a re-run, with any number
+of ranks, skips the videos already extracted, and refuses an output made
+with other settings (h5_writer.py). Videos that cannot be decoded, or whose
+worker process dies, are reported, listed in a failures file and skipped.
 """
 import argparse
 import glob
@@ -37,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from utils import UserError, available_cores, l2_normalize, load_state_dict, local_device, run_main  # noqa: E402
 import sharding  # noqa: E402
+from lanes import run_in_lanes  # noqa: E402
 from extract_frames import VideoError, decode_frames, read_video_list  # noqa: E402
 from h5_writer import (OutputLock, PartWriter, check_failures_path, check_video_ids, file_digest,  # noqa: E402
                        merge_parts, new_run_id, recorded_settings, scan_output, write_failures)
@@ -161,7 +168,7 @@ def extract_batch(model, frames, device="cpu", channels_last=False, bf16=False):
     return features.float().cpu()
 
 
-class VideoFrames(torch.utils.data.Dataset):
+class VideoFrames:
     """Item i: (video_id, path, uint8 frames (T, 256, 256, 3) or None, error
     or None). Decodes videos (fps given) or loads extract_frames.py's .npy
     files (fps None); a broken file gives its error instead of raising."""
@@ -188,7 +195,7 @@ class VideoFrames(torch.utils.data.Dataset):
         return video_id, path, torch.from_numpy(frames), None
 
 
-class VideoFeatures(torch.utils.data.Dataset):
+class VideoFeatures:
     """Item i: (video_id, path, features (T, D) float32 or None, error or
     None): VideoFrames' item i run through the CNN where it is fetched, in
     batches of up to batch_size of its frames."""
@@ -209,23 +216,33 @@ class VideoFeatures(torch.utils.data.Dataset):
         return video_id, path, torch.cat(features), None
 
 
-def _unbatched(item):
-    return item
-
-
-def _single_threaded(worker_id):
+def _lane_init():
     # One thread per lane, and not only for speed: a forked child whose parent
     # has used OpenMP (GNU libgomp) hangs in its first multi-threaded region.
     torch.set_num_threads(1)
+
+
+def _in_lanes(videos, items, workers):
+    """The items (video_id, path, tensor or None, error or None) of the
+    dataset `items` over `videos`, in order, fetched in `workers` processes
+    (run_in_lanes): one that dies costs only its video, which comes back with
+    the cause as its error. Tensors cross as numpy arrays."""
+    def fetch(index):
+        video_id, path, tensor, error = items[index]
+        return video_id, path, tensor.numpy() if tensor is not None else None, error
+
+    def died(index, cause):
+        return (*videos[index], None, cause)
+
+    for video_id, path, array, error in run_in_lanes(fetch, len(videos), workers, _lane_init, died):
+        yield video_id, path, torch.from_numpy(array) if array is not None else None, error
 
 
 def iterate_videos(videos, fps=None, workers=2):
     """Decode (or load) `videos` [(id, path)] in `workers` background
     processes, yielding VideoFrames items in order while the main process
     runs the CNN (extract_videos)."""
-    return torch.utils.data.DataLoader(VideoFrames(videos, fps), batch_size=None, shuffle=False,
-                                       num_workers=workers, collate_fn=_unbatched,
-                                       prefetch_factor=2 if workers > 0 else None)
+    return _in_lanes(videos, VideoFrames(videos, fps), workers)
 
 
 def extract_in_lanes(model, videos, fps=None, lanes=2, batch_size=CPU_BATCH_SIZE, channels_last=False,
@@ -237,10 +254,7 @@ def extract_in_lanes(model, videos, fps=None, lanes=2, batch_size=CPU_BATCH_SIZE
     slows iterate_videos + extract_videos down on a CPU). Yields (video_id,
     path, features (T, D) or None, error or None) in the order of `videos`.
     lanes 0: everything in this process, with its threads."""
-    return torch.utils.data.DataLoader(
-        VideoFeatures(VideoFrames(videos, fps), model, batch_size, channels_last, bf16), batch_size=None,
-        shuffle=False, num_workers=lanes, collate_fn=_unbatched, prefetch_factor=2 if lanes > 0 else None,
-        worker_init_fn=_single_threaded if lanes > 0 else None)
+    return _in_lanes(videos, VideoFeatures(VideoFrames(videos, fps), model, batch_size, channels_last, bf16), lanes)
 
 
 class _PendingVideo:
@@ -466,10 +480,13 @@ def main():
     failures_path = args.failures or args.output + ".failures.tsv"
     check_failures_path(failures_path)
 
-    model = build_extractor(args.feature, args.weights, args.random_weights, device, args.channels_last)
-    lock = OutputLock(args.output)
+    def build():
+        return build_extractor(args.feature, args.weights, args.random_weights, device, args.channels_last)
+
+    model, lock = None, OutputLock(args.output)
 
     def prepare():  # rank 0: one writer per output, the speed mode, then what is already done
+        nonlocal model
         lock.acquire()
         try:
             if args.bf16 == "auto":
@@ -477,6 +494,7 @@ def main():
                 if "bf16" in recorded:
                     settings["bf16"], why = recorded["bf16"], f"as {args.output} was made"
                 else:
+                    model = build()
                     settings["bf16"], why = bf16_is_faster(model, device, args.channels_last, args.batch_size,
                                                            1 if lanes else torch.get_num_threads())
                 print(f"--bf16 auto: {'on' if settings['bf16'] else 'off'} ({why})", flush=True)
@@ -493,6 +511,8 @@ def main():
         if dist.rank == 0:
             print(f"{len(videos)} videos, {len(videos) - len(todo)} already done, {len(todo)} to extract"
                   + (f" by {dist.size} ranks" if dist.size > 1 else ""), flush=True)
+        if model is None:
+            model = build()
 
         writer = PartWriter(args.output, settings, args.checkpoint_every, run, dist.rank)
         start, num_frames, failures = time.time(), 0, []

@@ -322,3 +322,80 @@ def test_bf16_auto_resumes_as_the_output_was_made(reference, partial_output):
                         "--bf16", "auto", "--fps", "2", *EXTRACT_ARGS, check=False)
     assert f"--bf16 auto: off (as {output} was made)" in result.stdout
     assert result.stderr.strip().splitlines()[-1] == f"error: {part}: was made with --fps 1, not 2"
+
+
+# --------------------------------------------------------------------------
+# lanes: a worker that dies costs only its video; lanes die with their parent
+
+def _dies_on_some(index):
+    if index in (2, 4):
+        os.kill(os.getpid(), signal.SIGKILL if index == 2 else signal.SIGTERM)
+    return index * 10
+
+
+def test_a_lane_that_dies_costs_only_its_item():
+    from lanes import run_in_lanes
+    results = list(run_in_lanes(_dies_on_some, 7, 2, on_death=lambda index, cause: (index, cause)))
+    assert results == [0, 10, (2, "worker process killed by SIGKILL"), 30,
+                       (4, "worker process killed by SIGTERM"), 50, 60]
+
+
+def _children(pid):
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(entry))
+    return children
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_lanes_die_with_their_parent():
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); from lanes import run_in_lanes; "
+              "list(run_in_lanes(lambda i: time.sleep(600), 2, 2))")
+    parent = subprocess.Popen([sys.executable, "-c", script, SCRIPTS])
+    deadline = time.time() + 60
+    while len(_children(parent.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    lanes = _children(parent.pid)
+    assert len(lanes) == 2
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while any(map(_alive, lanes)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, lanes))
+
+
+def test_extraction_finishes_when_a_lane_is_killed_mid_video(tmp_path):
+    videos = write_list(tmp_path / "videos.tsv", [VIDEOS[2], VIDEOS[3], VIDEOS[1]])  # bikes first: 10 frames
+    output = tmp_path / "imac.h5"
+    process = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "extract_features.py"), "--video_list",
+                                str(videos), "--output", str(output), *EXTRACT_ARGS],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _children(process.pid) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into its first video
+    os.kill(_children(process.pid)[0], signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    header, *failures = (tmp_path / "imac.h5.failures.tsv").read_text().splitlines()
+    assert len(failures) == 1 and failures[0].endswith("\tworker process killed by SIGKILL")
+    killed = failures[0].split("\t")[0]
+    assert "extracted 2 videos" in stdout and f"skipping {killed}" in stderr
+    assert sorted(read_h5(output)[0]) == sorted(video_id for video_id, _ in [VIDEOS[2], VIDEOS[3], VIDEOS[1]]
+                                                if video_id != killed)
+    run_script("extract_features.py", "--video_list", videos, "--output", output, *EXTRACT_ARGS)  # the re-run
+    assert len(read_h5(output)[0]) == 3 and not (tmp_path / "imac.h5.failures.tsv").exists()
