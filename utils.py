@@ -259,12 +259,19 @@ def read_features(features, key, path=None):
     float32 (files may store float16). Refuses non-finite values with one
     line naming the file, the video and the frame: one NaN frame would
     otherwise turn every similarity of that video into NaN."""
-    video = np.asarray(features[key][()], dtype=np.float32)
-    finite = np.isfinite(video)
+    return check_finite(np.asarray(features[key][()], dtype=np.float32), path or features.filename, key)
+
+
+def check_finite(frames, path, key, frame_numbers=None):
+    """frames (T, C) itself, or a UserError naming the file, the video and the
+    first frame (frame_numbers[t] when the rows are a sample) holding a NaN
+    or an infinity."""
+    finite = np.isfinite(frames)
     if not finite.all():
-        frame = int(np.argwhere(~finite)[0][0])
-        raise UserError(f"{path or features.filename}: video {key}: non-finite feature value at frame {frame}")
-    return video
+        row = int(np.argwhere(~finite)[0][0])
+        frame = row if frame_numbers is None else int(frame_numbers[row])
+        raise UserError(f"{path}: video {key}: non-finite feature value at frame {frame}")
+    return frames
 
 
 # --------------------------------------------------------------------------

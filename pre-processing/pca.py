@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import UserError, atomic_path, l2_normalize, open_features, run_main  # noqa: E402
+from utils import UserError, atomic_path, check_finite, l2_normalize, open_features, read_features, run_main  # noqa: E402
 from h5_writer import ResumableH5Writer, dataset_names, file_digest, read_settings  # noqa: E402
 
 MIN_EIGENVALUE = 1e-9  # upstream's floor, so whitening never divides by zero
@@ -80,10 +80,17 @@ def load_params(path, components=None):
     if not os.path.isfile(path):
         raise UserError(f"{path}: PCA parameters file not found")
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             U, lams, mu = f["U"], f["lams"], f["mu"]
-    except (KeyError, ValueError, OSError) as e:
-        raise UserError(f"{path}: not a PCA parameters file with U, lams, mu ({e})") from None
+    except Exception as e:  # a truncated or foreign file: zipfile, numpy and OS errors of many kinds
+        raise UserError(f"{path}: not a PCA parameters file with U, lams, mu ({type(e).__name__}: {e})") from None
+    if U.ndim != 2 or lams.shape != (U.shape[1],) or mu.shape != (U.shape[0],):
+        raise UserError(f"{path}: inconsistent shapes U {U.shape}, lams {lams.shape}, mu {mu.shape}")
+    if not (np.isfinite(U).all() and np.isfinite(mu).all() and np.isfinite(lams).all()):
+        raise UserError(f"{path}: the PCA parameters hold non-finite values")
+    if (lams <= 0).any():  # whitening divides by sqrt(lams)
+        raise UserError(f"{path}: eigenvalue {int(np.argmax(lams <= 0))} is {lams[lams <= 0][0]:g}; "
+                        f"whitening needs positive eigenvalues (learn them with pca.py --learn)")
     components = components or len(lams)
     if not 0 < components <= len(lams):
         raise UserError(f"--components must be in 1..{len(lams)} for {path}")
@@ -131,6 +138,8 @@ def learn(args):
         names = dataset_names(f)
         if not names:
             raise UserError(f"{args.learn}: no features")
+        if f[names[0]].ndim != 2:
+            raise UserError(f"{args.learn}: {names[0]} has shape {f[names[0]].shape}, expected (T, D)")
         num_dims = f[names[0]].shape[1]
 
         def samples():
@@ -140,7 +149,7 @@ def learn(args):
                     raise UserError(f"{args.learn}: {name} has shape {features.shape}, expected (T, {num_dims})")
                 # sampled without replacement (upstream: with), in file order for h5py
                 rows = np.sort(rng.choice(len(features), min(args.frames_per_video, len(features)), replace=False))
-                yield features[rows]
+                yield check_finite(features[rows].astype(np.float32), args.learn, name, rows)
 
         params = learn_pca(samples(), num_dims)
     if params["num_samples"] <= num_dims:
@@ -173,7 +182,7 @@ def apply(args):
                 if features.ndim != 2 or features.shape[1] != len(params["mu"]):
                     raise UserError(f"{args.apply}: {name} has shape {features.shape}, "
                                     f"the PCA expects (T, {len(params['mu'])})")
-                writer.add(name, apply_pca(features[()], params).astype(args.dtype, copy=False))
+                writer.add(name, apply_pca(read_features(f, name, args.apply), params).astype(args.dtype, copy=False))
                 num_frames += len(features)
     print(f"whitened {len(todo)} videos ({num_frames} frames, {time.time() - start:.1f} s) "
           f"to {params['U'].shape[1]} dimensions into {args.output}")
