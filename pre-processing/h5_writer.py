@@ -20,8 +20,10 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import io
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -259,11 +261,15 @@ class PartWriter:
         if self._buffer:
             os.makedirs(self.parts_dir, exist_ok=True)
             path = os.path.join(self.parts_dir, f"{self.name}-{len(self.written) + 1:06d}.h5")
-            with atomic_path(path) as tmp:
-                with h5py.File(tmp, "w") as f:
-                    write_settings(f, self.settings)
-                    for video_id, array in self._buffer.items():
-                        f.create_dataset(video_id, data=array)
+            # the part is built in memory and written by Python: a full disk is then an OSError (one
+            # line, no partial file); HDF5 failing to flush its own file segfaults at close instead
+            image = io.BytesIO()
+            with h5py.File(image, "w") as f:
+                write_settings(f, self.settings)
+                for video_id, array in self._buffer.items():
+                    f.create_dataset(video_id, data=array)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                f.write(image.getbuffer())
             self.written.append(path)
             self._buffer = {}
         self._last_write = time.monotonic()
@@ -276,6 +282,12 @@ def merge_parts(output, settings):
     if not parts:
         return
     sources = ([output] if os.path.exists(output) else []) + parts
+    # HDF5 cannot fail cleanly on a full disk: make sure the merged copy fits before writing it
+    needed = sum(os.path.getsize(source) for source in sources)
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(output))).free
+    if free < needed * 1.1 + (64 << 10):  # HDF5's own overhead on top of the data
+        raise UserError(f"{output}: merging needs about {needed / 2**20:,.0f} MiB free, "
+                        f"{free / 2**20:,.0f} MiB left on its disk (the finished parts are kept)")
     with atomic_path(output) as tmp, h5py.File(tmp, "w") as merged:
         write_settings(merged, settings)
         for source in sources:

@@ -67,3 +67,24 @@ def test_a_one_dimensional_first_dataset_is_one_line(tmp_path):
         f["a"] = np.zeros(4, np.float32)
     status, err = run_pca("--learn", tmp_path / "f.h5", "--params", tmp_path / "p.npz")
     assert status == 2 and err == f"error: {tmp_path / 'f.h5'}: a has shape (4,), expected (T, D)\n"
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_finishes(tmp_path, small_tmpfs):
+    rng = np.random.default_rng(1)
+    source = tmp_path / "in.h5"
+    with h5py.File(source, "w") as f:
+        for i in range(20):
+            f[f"v{i}"] = rng.normal(size=(20, 48)).astype(np.float32)
+    assert run_pca("--learn", source, "--params", tmp_path / "p.npz")[0] == 0
+    small_tmpfs.fill(leave=40_000)
+    args = ["--apply", source, "--params", tmp_path / "p.npz", "--components", 32]
+    status, err = run_pca(*args, "--checkpoint_every", 0, "--output", small_tmpfs / "out.h5")  # a part per video
+    assert status == 2 and err.count("error:") == 1 and "Traceback" not in err  # was: exit 139 in h5py's close
+    assert err.strip().splitlines()[-1].endswith(": No space left on device")
+    leftovers = [name for _, _, names in os.walk(small_tmpfs) for name in names if name.endswith(".tmp")]
+    assert leftovers == []
+    os.remove(small_tmpfs / "filler")  # space again: the re-run keeps the finished parts and ends like one run
+    assert run_pca(*args, "--output", small_tmpfs / "out.h5")[0] == 0
+    assert run_pca(*args, "--output", tmp_path / "reference.h5")[0] == 0
+    with h5py.File(small_tmpfs / "out.h5") as a, h5py.File(tmp_path / "reference.h5") as b:
+        assert sorted(a) == sorted(b) and all(np.array_equal(a[k][()], b[k][()]) for k in b)
