@@ -538,13 +538,13 @@ def main():
         sharding.check_parts_visible([part for parts, _, _ in ranks for part in parts])
         merge_parts(args.output, settings)
         merge_time = time.time() - start - elapsed
+        order = {video_id: i for i, (video_id, _) in enumerate(videos)}
+        failures = sorted((failure for _, failures, _ in ranks for failure in failures), key=lambda f: order[f[0]])
+        write_failures(failures_path, failures)
     finally:
         lock.release()
 
-    order = {video_id: i for i, (video_id, _) in enumerate(videos)}
-    failures = sorted((failure for _, failures, _ in ranks for failure in failures), key=lambda f: order[f[0]])
     num_frames = sum(frames for _, _, frames in ranks)
-    write_failures(failures_path, failures)
     print(f"extracted {len(todo) - len(failures)} videos ({num_frames} frames, "
           f"{num_frames / max(elapsed, 1e-9):.1f} frames/s) into {args.output}, "
           f"skipped {len(videos) - len(todo)} already done, failed {len(failures)}"
