@@ -33,7 +33,7 @@ import re
 import numpy as np
 
 from metrics import average_precision, micro_average_precision, rank_hits  # noqa: F401 (the measures' API)
-from utils import UserError, load_pickle, open_features, pad_sequences
+from utils import UserError, check_finite, load_pickle, open_features, pad_sequences
 
 DOWNLOAD_HINT = "see datasets/README.md for where to download the annotation files (or pass --annotation_dir)"
 EASY_DUPLICATES = "fivr_easy_duplicates.txt"
@@ -550,13 +550,15 @@ class VCDBPairDataset:
         dataset = self._features[video]
         num_frames = dataset.shape[0]
         if num_frames <= self.padding_size:
-            frames = dataset[:]
+            rows = np.arange(num_frames)
         elif self.random_sampling:
-            frames = dataset[:][np.sort(rng.choice(num_frames, self.padding_size, replace=False))]
+            rows = np.sort(rng.choice(num_frames, self.padding_size, replace=False))
         else:
             start = int(rng.integers(num_frames - self.padding_size + 1))
-            frames = dataset[start:start + self.padding_size]
-        return np.asarray(frames, dtype=np.float32)  # (T, C), T <= padding_size
+            rows = np.arange(start, start + self.padding_size)
+        frames = dataset[rows[0]:rows[-1] + 1][rows - rows[0]] if len(rows) else dataset[:0]
+        # a NaN frame would make the loss NaN with no video to blame: name it where it enters
+        return check_finite(np.asarray(frames, dtype=np.float32), self.feature_path, video, rows)  # (T, C)
 
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, self.epoch, index])

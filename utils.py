@@ -37,7 +37,10 @@ def run_main(main):
     try:
         return main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e)
+        if "\nOriginal Traceback" in message:  # re-raised from a DataLoader worker: its last line is ours
+            message = message.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # disk full, permission denied, a directory where a file goes, ...
         print(f"error: {os_error_line(e)}", file=sys.stderr)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -461,3 +462,31 @@ def test_adasum_over_mpi(tmp_path, synthetic):
     # with Gloo, a clear error instead
     result = run(train_command(tmp_path, *synthetic, str(tmp_path / "gloo"), "--use-adasum", workers=2), check=False)
     assert result.returncode != 0 and "needs Horovod's MPI controller" in result.stdout + result.stderr
+
+
+def test_a_non_finite_training_feature_names_its_video_and_frame(tmp_path):
+    annotation_path, feature_path = make_dataset(str(tmp_path), num_pairs=4, num_negatives=4)
+    with h5py.File(feature_path, "a") as f:
+        bad = f["v2b"][()]
+        bad[1, 0] = np.inf
+        del f["v2b"]
+        f["v2b"] = bad
+    dataset = VCDBPairDataset(annotation_path, feature_path, padding_size=50, neg_num=1, feature_size=C)
+    with pytest.raises(UserError, match=r"video v2b: non-finite feature value at frame 1$"):
+        for i in range(len(dataset)):
+            dataset[i]
+
+
+def test_a_non_finite_feature_stops_training_in_one_line(tmp_path):
+    annotation_path, feature_path = make_dataset(str(tmp_path / "data"), num_pairs=8, num_negatives=8)
+    with h5py.File(feature_path, "a") as f:
+        for video in list(f):
+            bad = f[video][()]
+            bad[0, 3] = np.nan
+            del f[video]
+            f[video] = bad
+    result = run(train_command(tmp_path, annotation_path, feature_path, str(tmp_path / "m"), "--num_workers", "1"),
+                 check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.fullmatch(rf"error: {re.escape(feature_path)}: video \w+: non-finite feature value at frame 0",
+                        result.stderr.strip().splitlines()[-1])
