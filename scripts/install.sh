@@ -6,10 +6,15 @@
 #   2. ./.venv with the pinned requirements;
 #   3. Horovod 0.28.1 built from its source distribution with the C++ standard
 #      raised to C++20 (its CMakeLists say 14; torch 2.14's headers need 20),
-#      with PyTorch, MPI and Gloo. The wheel is cached outside the repository
-#      ($TCA_WHEEL_CACHE, default ~/.cache/tca-wheels) so a re-install takes
+#      with PyTorch, MPI and Gloo, and, when the CUDA toolkit is there (nvcc,
+#      a CUDA build of torch and the NCCL that torch's wheels ship in
+#      site-packages/nvidia/nccl), with NCCL for GPU tensors
+#      (HOROVOD_GPU_OPERATIONS=NCCL; CPU tensors still go through MPI/Gloo).
+#      The wheel is cached outside the repository ($TCA_WHEEL_CACHE, default
+#      ~/.cache/tca-wheels/<torch>-<python>[-nccl]/) so a re-install takes
 #      seconds;
-#   4. a check that `horovodrun --check-build` lists PyTorch, MPI and Gloo.
+#   4. a check that `horovodrun --check-build` lists PyTorch, MPI and Gloo
+#      (and NCCL when it was built with it).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,11 +64,30 @@ else
 fi
 
 # ---------------------------------------------------------------- 3. horovod
+# NCCL for GPU tensors whenever the CUDA toolkit is there: nvcc (under
+# $CUDA_HOME, default /usr/local/cuda, or on PATH), a CUDA build of torch, and
+# the NCCL headers and library that torch's wheels install (nvidia/nccl).
+cuda_home="${CUDA_HOME:-/usr/local/cuda}"
+nccl_dir=""
+if [ -x "$cuda_home/bin/nvcc" ] || command -v nvcc >/dev/null 2>&1; then
+    nccl_dir="$("$PY" - <<'PY' 2>/dev/null || true
+import os, torch
+if torch.version.cuda:
+    import nvidia.nccl
+    d = list(nvidia.nccl.__path__)[0]
+    if os.path.isfile(os.path.join(d, "include", "nccl.h")) and os.path.isfile(os.path.join(d, "lib", "libnccl.so.2")):
+        print(d)
+PY
+)"
+fi
+
 horovod_ok() {
-    "$PY" - <<'PY' 2>/dev/null
+    WANT_NCCL="${nccl_dir:+1}" "$PY" - <<'PY' 2>/dev/null
+import os
 import horovod, horovod.torch as hvd
 assert horovod.__version__ == "0.28.1"
 assert hvd.mpi_built() and hvd.gloo_built()
+assert hvd.nccl_built() or not os.environ.get("WANT_NCCL")
 PY
 }
 
@@ -72,10 +96,11 @@ if horovod_ok; then
 else
     # A wheel is tied to the torch and Python it was compiled against.
     tag="$("$PY" -c 'import sys, torch; print("torch%s-py%d%d" % (torch.__version__.replace("+", "_"), *sys.version_info[:2]))')"
+    [ -n "$nccl_dir" ] && tag="$tag-nccl"
     cache_dir="$WHEEL_CACHE/$tag"
     wheel="$(ls "$cache_dir"/horovod-"$HOROVOD_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
     if [ -z "$wheel" ]; then
-        say "building horovod $HOROVOD_VERSION from source (about 10 minutes on 2 cores)"
+        say "building horovod $HOROVOD_VERSION from source (about 10 minutes on 2 cores, 12-20 with NCCL)"
         build_dir="$(mktemp -d)"
         trap 'rm -rf "$build_dir"' EXIT
         "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$build_dir" 2>&1 \
@@ -88,10 +113,23 @@ else
         grep -q "CMAKE_CXX_STANDARD 20" "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt" \
             || die "could not patch the C++ standard in horovod's CMakeLists.txt"
         mkdir -p "$cache_dir"
-        cuda_home="${CUDA_HOME:-/usr/local/cuda}"
         log="$build_dir/build.log"
+        nccl_env=()
+        if [ -n "$nccl_dir" ]; then
+            # torch's NCCL wheel ships libnccl.so.2 but no libnccl.so, the only
+            # shared name Horovod's FindNCCL looks for: let it find
+            # libnccl.so.2 first (CMake then also puts its directory in the
+            # extension's rpath).
+            sed -i 's/set(NCCL_LIBNAME "nccl")/set(NCCL_LIBNAME "libnccl.so.2" "nccl")/' \
+                "$src/cmake/Modules/FindNCCL.cmake"
+            grep -q 'NCCL_LIBNAME "libnccl.so.2"' "$src/cmake/Modules/FindNCCL.cmake" \
+                || die "could not patch the NCCL library name in horovod's FindNCCL.cmake"
+            nccl_env=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_LINK=SHARED
+                      HOROVOD_NCCL_INCLUDE="$nccl_dir/include" HOROVOD_NCCL_LIB="$nccl_dir/lib")
+            say "with NCCL for GPU tensors ($nccl_dir)"
+        fi
         if ! env HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
-                HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
+                HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 "${nccl_env[@]}" \
                 CUDA_HOME="$cuda_home" CUDAToolkit_ROOT="$cuda_home" PATH="$cuda_home/bin:$PATH" \
                 MAKEFLAGS="-j$(nproc)" \
                 "$PY" -m pip wheel -v --no-deps --no-build-isolation -w "$cache_dir" "$src" >"$log" 2>&1; then
@@ -108,14 +146,16 @@ else
 fi
 
 # ---------------------------------------------------------------- 4. check
+expected=(PyTorch MPI Gloo)
+[ -n "$nccl_dir" ] && expected+=(NCCL)
 check="$("$VENV/bin/horovodrun" --check-build 2>&1 || true)"
 missing=()
-for item in PyTorch MPI Gloo; do
+for item in "${expected[@]}"; do
     grep -Eq "\[X\] $item" <<<"$check" || missing+=("$item")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "$check" >&2
     die "horovodrun --check-build does not list: ${missing[*]}"
 fi
-say "horovodrun --check-build lists PyTorch, MPI and Gloo"
+say "horovodrun --check-build lists ${expected[*]}"
 say "done: activate with 'source .venv/bin/activate'"

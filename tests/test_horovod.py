@@ -1,8 +1,10 @@
 """Horovod, as built by `make install`, works on 2 CPU ranks: collectives,
 parameter broadcast, fp16-compressed gradient averaging (Gloo and MPI
-controllers) and Adasum (MPI controller only)."""
+controllers) and Adasum (MPI controller only); it is built with NCCL (for GPU
+tensors) where the CUDA toolkit is there."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -36,9 +38,28 @@ def mpi_results(tmp_path_factory):
     return run_workers(tmp_path_factory.mktemp("mpi"), "mpi", adasum=True)
 
 
-def test_check_build_lists_pytorch_mpi_gloo():
+def nccl_expected():
+    """scripts/install.sh builds with NCCL when the CUDA toolkit is there: nvcc
+    (under $CUDA_HOME, default /usr/local/cuda, or on PATH), a CUDA torch and
+    the NCCL headers and library of torch's wheels (nvidia/nccl)."""
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    if not (os.access(os.path.join(cuda_home, "bin", "nvcc"), os.X_OK) or shutil.which("nvcc")):
+        return False
+    if not torch.version.cuda:
+        return False
+    try:
+        import nvidia.nccl
+    except ImportError:
+        return False
+    d = list(nvidia.nccl.__path__)[0]
+    return (os.path.isfile(os.path.join(d, "include", "nccl.h"))
+            and os.path.isfile(os.path.join(d, "lib", "libnccl.so.2")))
+
+
+def test_check_build_lists_pytorch_mpi_gloo_and_nccl_with_cuda():
     out = subprocess.run([HOROVODRUN, "--check-build"], capture_output=True, text=True).stdout
-    for item in ("PyTorch", "MPI", "Gloo"):
+    expected = ("PyTorch", "MPI", "Gloo") + (("NCCL",) if nccl_expected() else ())
+    for item in expected:
         assert f"[X] {item}" in out, out
 
 
