@@ -205,7 +205,9 @@ class FIVR(Benchmark):
     Protocols: `available` (DnS, S2VS) counts only the relevant videos that
     have results; `full` (the official MKLab-ITI/FIVR-200K evaluator) counts
     every relevant video of the version's database and queries, one without
-    a result as a miss. The rankings are the same; the denominators differ.
+    a result as a miss. The rankings are the same (the official evaluator also
+    ranks the query itself when it has a result; we never do); the
+    denominators differ.
 
     "Hard" (S2VS): the easy duplicates of `fivr_easy_duplicates.txt`, when the
     annotation folder has it, are dropped from the database, so from the
