@@ -3,17 +3,14 @@ similarities whose mAP is worked out here."""
 import os
 import pickle
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import data  # noqa: E402
-from data import CC_WEB_VIDEO, EVVE, FIVR, VCDB, average_precision, load_benchmark  # noqa: E402
-from utils import UserError  # noqa: E402
+import data
+from data import CC_WEB_VIDEO, EVVE, FIVR, VCDB, average_precision, load_benchmark
+from utils import UserError
 
-from conftest import ANNOTATION_DIR as ANNOTATIONS  # noqa: E402
 
 
 class Log(list):
@@ -75,8 +72,8 @@ def test_average_precision_ties_follow_column_order_like_upstream(levels):
 # FIVR
 
 @pytest.fixture(scope="module")
-def fivr5k():
-    return FIVR("5k", ANNOTATIONS)
+def fivr5k(annotation_dir):
+    return FIVR("5k", annotation_dir)
 
 
 def test_fivr_self_annotated_query_missing_videos_and_unknown_ids(fivr5k):
@@ -109,8 +106,8 @@ def test_fivr_self_annotated_query_missing_videos_and_unknown_ids(fivr5k):
     assert "DSVR: 1 queries have no relevant video" in text and other_query in text
 
 
-def test_fivr_200k_sizes_and_full_ranking():
-    b = FIVR("200k", ANNOTATIONS)
+def test_fivr_200k_sizes_and_full_ranking(annotation_dir):
+    b = FIVR("200k", annotation_dir)
     assert (len(b.queries), len(b.database)) == (100, 225960)
     # perfect similarities on a 2-query slice, ND/DS > CS > IS > the rest: AP 1 on every task
     qs = b.queries[:2]
@@ -154,16 +151,16 @@ CC_EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def tca_only_dir(tmp_path_factory):
+def tca_only_dir(annotation_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("tca_annotations")
-    shutil.copy(os.path.join(ANNOTATIONS, "cc_web_video_tca.pickle"), d)
+    shutil.copy(os.path.join(annotation_dir, "cc_web_video_tca.pickle"), d)
     return str(d)
 
 
 @pytest.mark.parametrize("pickle_style", ["visil", "tca"])
 @pytest.mark.parametrize("result_style", ["visil", "tca"])
-def test_cc_web_both_id_styles(pickle_style, result_style, tca_only_dir):
-    b = CC_WEB_VIDEO(ANNOTATIONS if pickle_style == "visil" else tca_only_dir)
+def test_cc_web_both_id_styles(annotation_dir, pickle_style, result_style, tca_only_dir):
+    b = CC_WEB_VIDEO(annotation_dir if pickle_style == "visil" else tca_only_dir)
     assert len(b.queries) == 24 and len(b.database) == 13115
     strip = (lambda v: v.rsplit("/", 1)[-1]) if result_style == "tca" else (lambda v: v)
     log = Log()
@@ -173,16 +170,16 @@ def test_cc_web_both_id_styles(pickle_style, result_style, tca_only_dir):
     assert any("1 database ids are not in the CC_WEB_VIDEO database" in line for line in log)
 
 
-def test_cc_web_feature_keys_cover_both_styles():
-    b = CC_WEB_VIDEO(ANNOTATIONS)
+def test_cc_web_feature_keys_cover_both_styles(annotation_dir):
+    b = CC_WEB_VIDEO(annotation_dir)
     assert b.feature_keys("1/1_1_Y") == ["1_1_Y", "1/1_1_Y"]
 
 
 # --------------------------------------------------------------------------
 # EVVE
 
-def test_evve_trapezoid_per_event_and_overall():
-    b = EVVE(ANNOTATIONS)
+def test_evve_trapezoid_per_event_and_overall(annotation_dir):
+    b = EVVE(annotation_dir)
     assert (len(b.queries), len(b.database), len(b.events)) == (620, 2373, 13)
     event_a, event_b = sorted(b.events)[:2]
     qa1, qa2 = sorted(b.events[event_a][0])[:2]
@@ -207,8 +204,8 @@ def test_evve_trapezoid_per_event_and_overall():
 # --------------------------------------------------------------------------
 # VCDB
 
-def test_vcdb_query_not_in_its_own_relevant_set():
-    b = VCDB(ANNOTATIONS)
+def test_vcdb_query_not_in_its_own_relevant_set(annotation_dir):
+    b = VCDB(annotation_dir)
     assert len(b.queries) == 528 and len(b.database) == 100306  # 4 ids listed twice in the index
     q = b.queries[0]
     gt1, gt2 = sorted(b.ground_truth[q])[:2]
@@ -228,9 +225,9 @@ def test_missing_annotation_file_says_where_to_get_it(tmp_path):
             load_benchmark(name, str(tmp_path))
 
 
-def test_unknown_dataset():
+def test_unknown_dataset(annotation_dir):
     with pytest.raises(UserError, match="unknown dataset 'SVD'"):
-        load_benchmark("SVD", ANNOTATIONS)
+        load_benchmark("SVD", annotation_dir)
 
 
 def test_malformed_annotation_file(tmp_path):

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import evaluation
-from conftest import ANNOTATION_DIR as ANNOTATIONS
 from model import build_model
 from similarity import chamfer_similarity
 from utils import l2_normalize
@@ -39,9 +38,9 @@ def run(argv, capsys):
 # --------------------------------------------------------------------------
 # precomputed similarities on the real FIVR-5K annotation
 
-def fivr5k_case():
+def fivr5k_case(annotation_dir):
     """Two FIVR-5K queries, a few database columns, a hand-worked mAP."""
-    with open(os.path.join(ANNOTATIONS, "fivr.pickle"), "rb") as f:
+    with open(os.path.join(annotation_dir, "fivr.pickle"), "rb") as f:
         fivr = pickle.load(f)
     q1, q2 = fivr["5k"]["queries"][:2]
     db = fivr["5k"]["database"]
@@ -59,14 +58,14 @@ def fivr5k_case():
 
 
 @pytest.mark.parametrize("ext", [".npz", ".json", ".h5"])
-def test_similarity_files_round_trip_and_json_out(ext, tmp_path, capsys):
-    queries, columns, sims, expected_dsvr = fivr5k_case()
+def test_similarity_files_round_trip_and_json_out(annotation_dir, ext, tmp_path, capsys):
+    queries, columns, sims, expected_dsvr = fivr5k_case(annotation_dir)
     path = tmp_path / f"sims{ext}"
     evaluation.save_similarities(str(path), queries, columns, sims)
     q, d, s = evaluation.load_similarities(str(path))
     assert (q, d) == (queries, columns)
     np.testing.assert_allclose(s, sims)
-    status, out, _ = run(["--dataset", "FIVR-5K", "--annotation_dir", ANNOTATIONS, "--similarities", path,
+    status, out, _ = run(["--dataset", "FIVR-5K", "--annotation_dir", annotation_dir, "--similarities", path,
                           "--json_out", tmp_path / "m.json"], capsys)
     assert status == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
@@ -83,12 +82,12 @@ def test_json_results_with_different_videos_per_query(tmp_path):
     np.testing.assert_array_equal(s, [[0.5, 0.25, np.nan], [np.nan, 1.0, 0.0]])
 
 
-def test_results_csv_appends_rows(tmp_path, capsys):
+def test_results_csv_appends_rows(annotation_dir, tmp_path, capsys):
     import pandas as pd
-    queries, columns, sims, expected_dsvr = fivr5k_case()
+    queries, columns, sims, expected_dsvr = fivr5k_case(annotation_dir)
     evaluation.save_similarities(str(tmp_path / "s.npz"), queries, columns, sims)
     for _ in range(2):
-        status, _, _ = run(["--dataset", "FIVR-5K", "--annotation_dir", ANNOTATIONS,
+        status, _, _ = run(["--dataset", "FIVR-5K", "--annotation_dir", annotation_dir,
                             "--similarities", tmp_path / "s.npz", "--results_csv", tmp_path / "runs.csv"], capsys)
         assert status == 0
     table = pd.read_csv(tmp_path / "runs.csv")
@@ -104,16 +103,16 @@ def test_results_csv_appends_rows(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "NOPE", "--similarities", "x.npz"], "unknown dataset 'NOPE'"),
     (["--dataset", "EVVE", "--annotation_dir", "/nonexistent", "--similarities", "x.npz"], "datasets/README.md"),
-    (["--dataset", "EVVE", "--annotation_dir", ANNOTATIONS], "give --similarities"),
-    (["--dataset", "EVVE", "--annotation_dir", ANNOTATIONS, "--feature_path", "f.h5"], "exactly one of"),
+    (["--dataset", "EVVE", "--annotation_dir", "@annotations"], "give --similarities"),
+    (["--dataset", "EVVE", "--annotation_dir", "@annotations", "--feature_path", "f.h5"], "exactly one of"),
 ])
-def test_bad_command_lines(argv, message, capsys):
-    status, _, err = run(argv, capsys)
+def test_bad_command_lines(argv, message, capsys, annotation_dir):
+    status, _, err = run([annotation_dir if a == "@annotations" else a for a in argv], capsys)
     assert status == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_malformed_similarity_files(tmp_path, capsys):
+def test_malformed_similarity_files(annotation_dir, tmp_path, capsys):
     cases = {"garbage.npz": b"not a zip", "garbage.json": b"{not json", "list.json": b"[1, 2]",
              "garbage.h5": b"not hdf5", "sims.txt": b""}
     for name, content in cases.items():
@@ -122,7 +121,7 @@ def test_malformed_similarity_files(tmp_path, capsys):
     np.savez(tmp_path / "shape.npz", queries=np.array(["a"]), database=np.array(["b", "c"]),
              similarities=np.zeros((1, 3)))
     for name in list(cases) + ["nokeys.npz", "shape.npz", "missing.npz"]:
-        status, _, err = run(["--dataset", "EVVE", "--annotation_dir", ANNOTATIONS,
+        status, _, err = run(["--dataset", "EVVE", "--annotation_dir", annotation_dir,
                               "--similarities", tmp_path / name], capsys)
         assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, (name, err)
         assert name in err
@@ -136,17 +135,17 @@ def test_malformed_similarity_files(tmp_path, capsys):
     ('{"q": {"a": Infinity}}', "query q, video a: score inf is not finite"),
     ('{"q": {"a": NaN}}', "every score is NaN (not computed)"),
 ])
-def test_json_scores_must_be_finite_numbers_under_unique_keys(content, message, tmp_path, capsys):
+def test_json_scores_must_be_finite_numbers_under_unique_keys(annotation_dir, content, message, tmp_path, capsys):
     (tmp_path / "s.json").write_text(content)
-    status, _, err = run(["--dataset", "EVVE", "--annotation_dir", ANNOTATIONS, "--similarities",
+    status, _, err = run(["--dataset", "EVVE", "--annotation_dir", annotation_dir, "--similarities",
                           tmp_path / "s.json"], capsys)
     assert status == 2 and err == f"error: {tmp_path / 's.json'}: {message}\n"
 
 
-def test_npz_with_an_infinite_score_is_refused(tmp_path, capsys):
+def test_npz_with_an_infinite_score_is_refused(annotation_dir, tmp_path, capsys):
     sims = np.array([[0.5, np.nan], [np.inf, 0.1]])
     np.savez(tmp_path / "s.npz", queries=np.array(["q1", "q2"]), database=np.array(["a", "b"]), similarities=sims)
-    status, _, err = run(["--dataset", "EVVE", "--annotation_dir", ANNOTATIONS, "--similarities",
+    status, _, err = run(["--dataset", "EVVE", "--annotation_dir", annotation_dir, "--similarities",
                           tmp_path / "s.npz"], capsys)
     assert status == 2 and err == f"error: {tmp_path / 's.npz'}: query q2, video a: score inf is not finite\n"
 
@@ -160,11 +159,11 @@ def test_error_exit_from_the_shell():
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_unknown_ids_are_counted_and_ignored(tmp_path, capsys):
-    queries, columns, sims, expected_dsvr = fivr5k_case()
+def test_unknown_ids_are_counted_and_ignored(annotation_dir, tmp_path, capsys):
+    queries, columns, sims, expected_dsvr = fivr5k_case(annotation_dir)
     sims = np.hstack([sims, [[5.0], [5.0]]])
     evaluation.save_similarities(str(tmp_path / "s.npz"), queries + [], columns + ["not_a_video"], sims)
-    status, out, _ = run(["--dataset", "FIVR-5K", "--annotation_dir", ANNOTATIONS,
+    status, out, _ = run(["--dataset", "FIVR-5K", "--annotation_dir", annotation_dir,
                           "--similarities", tmp_path / "s.npz", "--json_out", tmp_path / "m.json"], capsys)
     assert status == 0 and "1 database ids are not in the FIVR-5K database" in out
     assert json.loads((tmp_path / "m.json").read_text())["DSVR"] == pytest.approx(expected_dsvr)
@@ -456,7 +455,7 @@ def test_outputs_are_checked_before_the_work_and_a_full_disk_loses_nothing_else(
 def test_protocol_curves_and_per_query_outputs(tmp_path, capsys, annotation_dir):
     import pandas as pd
     from PIL import Image
-    queries, columns, sims, expected_dsvr = fivr5k_case()
+    queries, columns, sims, expected_dsvr = fivr5k_case(annotation_dir)
     evaluation.save_similarities(str(tmp_path / "s.npz"), queries, columns, sims)
     common = ["--dataset", "FIVR-5K", "--annotation_dir", annotation_dir, "--similarities", tmp_path / "s.npz"]
     status, out, err = run(common + ["--protocol", "full", "--json_out", tmp_path / "m.json", "--pr_curve",
@@ -485,7 +484,7 @@ def test_protocol_curves_and_per_query_outputs(tmp_path, capsys, annotation_dir)
 
 
 def test_new_bad_inputs_are_one_line(tmp_path, capsys, annotation_dir):
-    queries, columns, sims, _ = fivr5k_case()
+    queries, columns, sims, _ = fivr5k_case(annotation_dir)
     evaluation.save_similarities(str(tmp_path / "s.npz"), queries, columns, sims)
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -505,7 +504,7 @@ def test_new_bad_inputs_are_one_line(tmp_path, capsys, annotation_dir):
 
 
 def test_similarity_path_imports_no_torch(tmp_path, annotation_dir):
-    queries, columns, sims, _ = fivr5k_case()
+    queries, columns, sims, _ = fivr5k_case(annotation_dir)
     evaluation.save_similarities(str(tmp_path / "s.npz"), queries, columns, sims)
     result = subprocess.run([sys.executable, "-X", "importtime", "evaluation.py", "--dataset", "FIVR-5K",
                              "--annotation_dir", annotation_dir, "--similarities", tmp_path / "s.npz"],
