@@ -185,7 +185,7 @@ def lr_scale(args, dist, device):
     which averages within a node: by GPUs per node)."""
     if not args.use_adasum:
         return dist.size
-    return dist.local_size if device.type == "cuda" and dist.hvd.nccl_built() else 1
+    return dist.local_size if device.type == "cuda" and dist.hvd and dist.hvd.nccl_built() else 1
 
 
 def make_optimizer(model, args, dist, device):
@@ -290,8 +290,6 @@ def check_args(args, dist):
     for flag in ("epochs", "batch_sz", "neg_num", "padding_size", "moco_k", "print_freq", "save_every"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.use_adasum and dist.hvd is None:
-        raise UserError("--use_adasum needs Horovod")
     if args.use_adasum and dist.size > 1 and not dist.hvd.mpi_enabled():
         raise UserError("--use_adasum needs Horovod's MPI controller: run with `horovodrun --mpi ...`")
     model_file = os.path.join(args.model_path, "model.pth")

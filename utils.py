@@ -475,15 +475,22 @@ def _hvd():
 Distributed = collections.namedtuple("Distributed", "hvd rank size local_rank local_size")
 
 
+# set by horovodrun's Gloo launcher, by mpirun (Open MPI) and by MPICH / Intel MPI
+LAUNCHER_RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
 def init_distributed():
-    """Start Horovod (one process per rank under `horovodrun`; a plain
-    `python script.py` is a world of one) and return Distributed(hvd, rank,
-    size, local_rank, local_size), hvd None when Horovod is not installed.
-    Every entry point that runs under horovodrun starts this way."""
+    """Start Horovod when the script runs under a launcher (`horovodrun`,
+    `mpirun`) and return Distributed(hvd, rank, size, local_rank,
+    local_size); a plain `python script.py` is a world of one that starts no
+    Horovod (hvd None), as is a machine without Horovod. Every entry point
+    that runs under horovodrun starts this way."""
+    if not any(name in os.environ for name in LAUNCHER_RANK_VARIABLES):
+        return Distributed(None, 0, 1, 0, 1)
     try:
         import horovod.torch as hvd
     except ImportError:
-        return Distributed(None, 0, 1, 0, 1)
+        raise UserError("launched by horovodrun/mpirun, but Horovod is not installed (make install)") from None
     hvd.init()
     return Distributed(hvd, hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
 

@@ -12,16 +12,16 @@ import subprocess
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANNOTATION_DIR = os.environ.get("TCA_ANNOTATION_DIR") or os.path.join(REPO, "..", "shared", "datasets")
+_ANNOTATION_DIR = os.environ.get("TCA_ANNOTATION_DIR") or os.path.join(REPO, "..", "shared", "datasets")
 
 
 @pytest.fixture(scope="session")
 def annotation_dir():
     """The folder of the real annotation files (fivr.pickle, ...)."""
-    if not os.path.isfile(os.path.join(ANNOTATION_DIR, "fivr.pickle")):
-        pytest.fail(f"the real annotation files are not in {ANNOTATION_DIR}: set TCA_ANNOTATION_DIR to the "
+    if not os.path.isfile(os.path.join(_ANNOTATION_DIR, "fivr.pickle")):
+        pytest.fail(f"the real annotation files are not in {_ANNOTATION_DIR}: set TCA_ANNOTATION_DIR to the "
                     "folder holding fivr.pickle, cc_web_video.pickle, evve.pickle, vcdb.pickle", pytrace=False)
-    return ANNOTATION_DIR
+    return _ANNOTATION_DIR
 
 
 @pytest.fixture

@@ -17,10 +17,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "demo", "build_benchmark.py")
-sys.path.insert(0, ROOT)
-from data import FIVR  # noqa: E402
-from utils import load_pickle  # noqa: E402
-from conftest import ANNOTATION_DIR as REAL_DATASETS  # noqa: E402
+from data import FIVR
+from utils import load_pickle
 
 
 def test_ffmpeg_is_installed():
@@ -104,7 +102,7 @@ def test_every_annotated_id_has_a_video_of_its_split(bench):
         assert set().union(*labels.values()) <= fivr["5k"]["database"]
 
 
-def test_annotations_have_the_real_files_structure(bench):
+def test_annotations_have_the_real_files_structure(annotation_dir, bench):
     """Same keys and container types as the real vcdb.pickle / fivr.pickle, and
     the project's FIVR reader accepts the generated file."""
     vcdb, fivr = bench["vcdb"], bench["fivr"]
@@ -115,12 +113,12 @@ def test_annotations_have_the_real_files_structure(bench):
     assert isinstance(fivr["5k"]["queries"], list) and isinstance(fivr["5k"]["database"], set)
     assert all(isinstance(ids, list) for labels in fivr["annotation"].values() for ids in labels.values())
 
-    real_vcdb, real_fivr = os.path.join(REAL_DATASETS, "vcdb.pickle"), os.path.join(REAL_DATASETS, "fivr.pickle")
-    if os.path.isfile(real_vcdb) and os.path.isfile(real_fivr):
-        real_vcdb, real_fivr = load_pickle(real_vcdb), load_pickle(real_fivr)
-        assert set(real_vcdb) == set(vcdb) and set(real_vcdb["video_pairs"][0]) == set(vcdb["video_pairs"][0])
-        assert set(real_fivr) == set(fivr) and set(real_fivr["5k"]) == set(fivr["5k"])
-        assert type(real_fivr["5k"]["database"]) is type(fivr["5k"]["database"])
+    # the same structure as the real annotation files
+    real_vcdb = load_pickle(os.path.join(annotation_dir, "vcdb.pickle"))
+    real_fivr = load_pickle(os.path.join(annotation_dir, "fivr.pickle"))
+    assert set(real_vcdb) == set(vcdb) and set(real_vcdb["video_pairs"][0]) == set(vcdb["video_pairs"][0])
+    assert set(real_fivr) == set(fivr) and set(real_fivr["5k"]) == set(fivr["5k"])
+    assert type(real_fivr["5k"]["database"]) is type(fivr["5k"]["database"])
 
     benchmark = FIVR("5k", annotation_dir=str(bench["dir"]))
     assert benchmark.queries == fivr["5k"]["queries"]
