@@ -247,7 +247,7 @@ def encode_videos(model, features, keys, lengths, *, video_level=True, frame_lev
     None) with what video_level and frame_level ask for."""
     import torch
     # sort by chunk length (= video length up to padding_size): the chunks of
-    # a batch then differ by a few frames; about 0.1% padding at FIVR-200K scale
+    # a batch then differ by a few frames (bench/NOTES.md: the padding this leaves)
     pieces = -(-lengths // padding_size) if padding_size > 0 else np.ones_like(lengths)
     chunk_lengths = -(-lengths // pieces)
     order = np.lexsort((lengths, chunk_lengths))

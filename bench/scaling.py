@@ -86,7 +86,7 @@ def extraction_command(workdir, video_list, size, ranks):
     them (without the start-up, which horovodrun lengthens by a few seconds)."""
     output = os.path.join(workdir, f"extracted{ranks}.h5")
     command = [sys.executable, os.path.join(REPO, "pre-processing", "extract_features.py"), "--video_list",
-               video_list, "--output", output, "--random-weights", "--fps", str(size["extraction_fps"])]
+               video_list, "--output", output, "--random_weights", "--fps", str(size["extraction_fps"])]
     if ranks > 1:
         horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
         command = [horovodrun, "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}"] + command

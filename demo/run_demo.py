@@ -51,7 +51,7 @@ def get_args_parser():
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="local torchvision ResNet-50 ImageNet state dict (resnet50-0676ba61.pth), "
                                            "for machines that cannot download it")
-    weights.add_argument("--random-weights", action="store_true",
+    weights.add_argument("--random_weights", "--random-weights", action="store_true",
                          help="random ResNet-50 (what the demo falls back to, with a warning, when neither flag is "
                               "given and the ImageNet weights are neither in the torch hub cache nor downloadable)")
     return parser
@@ -77,12 +77,12 @@ def choose_backbone(args, available=imagenet_weights_available):
     if args.weights:
         return ["--weights", args.weights], f"ImageNet ResNet-50 ({args.weights})"
     if args.random_weights:
-        return ["--random-weights"], "random ResNet-50 (--random-weights)"
+        return ["--random_weights"], "random ResNet-50 (--random_weights)"
     if available():
         return [], "ImageNet ResNet-50 (torchvision IMAGENET1K_V1)"
     print("[demo] WARNING: ImageNet ResNet-50 weights neither cached nor downloadable: falling back to a RANDOM "
           "ResNet-50 (pass --weights resnet50-0676ba61.pth for real features)", flush=True)
-    return ["--random-weights"], "random ResNet-50 (ImageNet weights unavailable offline)"
+    return ["--random_weights"], "random ResNet-50 (ImageNet weights unavailable offline)"
 
 
 def extraction_ranks(np):

@@ -269,12 +269,12 @@ def test_run_demo_weights_fallback(capsys):
     spec.loader.exec_module(run_demo)
     parse = run_demo.get_args_parser().parse_args
     flags, name = run_demo.choose_backbone(parse([]), available=lambda: False)
-    assert flags == ["--random-weights"] and "random" in name
+    assert flags == ["--random_weights"] and "random" in name
     assert "WARNING" in capsys.readouterr().out
     flags, name = run_demo.choose_backbone(parse([]), available=lambda: True)
     assert flags == [] and "ImageNet" in name
     assert run_demo.choose_backbone(parse(["--weights", "r.pth"]), available=lambda: False)[0] == ["--weights", "r.pth"]
-    assert run_demo.choose_backbone(parse(["--random-weights"]), available=lambda: True)[0] == ["--random-weights"]
+    assert run_demo.choose_backbone(parse(["--random-weights"]), available=lambda: True)[0] == ["--random_weights"]
 
 
 def test_run_demo_shards_extraction_only_over_two_or_more_gpus(monkeypatch):
