@@ -1,14 +1,20 @@
 """pre-processing/extract_features.py's pipeline (decode + preprocess +
 ResNet-50 + iMAC) against the ResNet-50 forward alone, in fp32,
-channels_last and bf16, with each mode's deviation from fp32."""
+channels_last and bf16, with each mode's deviation from fp32; and the
+script's peak memory on one long synthetic video."""
 import contextlib
 import os
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
 
 import extract_features as ef
+import extract_frames
 from bench.common import Target, fmt, interleaved, pct, per_round, summary, table
 from utils import available_cores
 
@@ -18,11 +24,43 @@ MODES = (("fp32", False, False), ("channels_last", True, False), ("bf16", False,
 SIZES = {
     # batch and workers None: the extractor's CPU defaults; yardstick_batch: the issue's batch-32 forward
     "full": dict(videos={"bikes": 4, "bigbuckbunny": 4}, batch=None, yardstick_batch=32, workers=None, repeats=3,
-                 modes=tuple(name for name, _, _ in MODES)),
-    "quick": dict(videos={"carphone": 1}, batch=4, yardstick_batch=8, workers=1, repeats=1, modes=("fp32",)),
+                 modes=tuple(name for name, _, _ in MODES), long_video_seconds=1200, long_video_fps=10),
+    "quick": dict(videos={"carphone": 1}, batch=4, yardstick_batch=8, workers=1, repeats=1, modes=("fp32",),
+                  long_video_seconds=20, long_video_fps=10),
 }
 TARGETS = tuple(Target(f"extraction pipeline / ResNet-50 forward ({name})",
-                       (name, "pipeline_fraction_of_forward"), 0.8, "≥ 80%") for name, _, _ in MODES)
+                       (name, "pipeline_fraction_of_forward"), 0.8, "≥ 80%") for name, _, _ in MODES) + (
+    Target("peak RSS of extract_features.py, {long_video[length]} {long_video[fps]:g} fps video",
+           ("long_video", "peak_rss_gb"), 1.5, "≤ 1.5 GB", higher_is_better=False),)
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pre-processing",
+                      "extract_features.py")
+# Runs a command and prints the peak resident memory (KiB) of its process
+# tree's largest process: a fresh process, so no earlier section's children count.
+MAX_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def long_video_memory(seconds, fps, weights):
+    """Peak RSS of `extract_features.py --fps fps` with its other defaults
+    on one synthetic video of `seconds` (ffmpeg's testsrc, 320x240, x264):
+    the largest of its processes (the main one or its one lane), as
+    getrusage reports it."""
+    with tempfile.TemporaryDirectory(prefix="tca_bench_memory_") as workdir:
+        video, video_list = os.path.join(workdir, "long.mp4"), os.path.join(workdir, "videos.tsv")
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                        f"testsrc=size=320x240:rate={fps}:duration={seconds}", "-c:v", "libx264", "-preset",
+                        "ultrafast", "-pix_fmt", "yuv420p", video], check=True)
+        with open(video_list, "w") as f:
+            f.write(f"long\t{video}\n")
+        command = [SCRIPT, "--video_list", video_list, "--output", os.path.join(workdir, "imac.h5"), "--fps",
+                   str(fps)] + (["--weights", weights] if weights else ["--random-weights"])
+        start = time.perf_counter()
+        kib = subprocess.run([sys.executable, "-c", MAX_RSS, sys.executable, *command], check=True,
+                             capture_output=True, text=True).stdout.split()[-1]
+        elapsed = time.perf_counter() - start
+    length = f"{seconds / 60:g}-min" if seconds % 60 == 0 else f"{seconds:g}-s"
+    return {"length": length, "fps": fps, "frames": int(seconds * fps), "seconds": elapsed,
+            "peak_rss_gb": summary([int(kib) * 1024 / 1e9], "GB")}
 
 
 def run(size, weights):
@@ -85,8 +123,8 @@ def run(size, weights):
         finally:
             torch.set_num_threads(threads_before)
 
-    contenders = {"decode": lambda: [ef.decode_frames(path, 1.0) for _, path in videos],
-                  "decode_every_picture": lambda: [ef.decode_frames(path, 1.0, skip_unused=False)
+    contenders = {"decode": lambda: [extract_frames.decode_frames(path, 1.0) for _, path in videos],
+                  "decode_every_picture": lambda: [extract_frames.decode_frames(path, 1.0, skip_unused=False)
                                                    for _, path in videos]}
     for mode in modes:
         # the forward passes bracket the pipeline, so a change of load during
@@ -136,6 +174,7 @@ def run(size, weights):
                         "decode_bound_ceiling": summary(ceiling),
                         "mean_cosine_to_fp32": float(cosine.mean()), "min_cosine_to_fp32": float(cosine.min()),
                         "max_abs_diff_overlap_vs_lanes": float(overlap_diff)}
+    result["long_video"] = long_video_memory(size["long_video_seconds"], size["long_video_fps"], weights)
     return result
 
 
@@ -175,4 +214,10 @@ def render(result, meta):
                  f"referenced is decoded to keep one frame per second{every_picture}. Decoding and the CNN share the "
                  f"{c['cores']} cores, so even perfectly overlapped the pipeline cannot exceed forward / (forward + "
                  "decode / cores): the *ceiling* column.\n")
+    if "long_video" in result:  # measured since issue 16
+        m = result["long_video"]
+        lines.append(f"Memory: `extract_features.py --fps {m['fps']:g}` with its other defaults (one lane per core, "
+                     f"windows of {extract_frames.WINDOW} frames) on one {m['length']} synthetic video "
+                     f"({m['frames']:,} frames) peaked at **{fmt(m['peak_rss_gb'])}** resident in its largest "
+                     f"process, in {m['seconds']:.0f} s.\n")
     return lines

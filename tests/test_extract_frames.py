@@ -69,9 +69,8 @@ def test_skipping_unreferenced_pictures_keeps_the_frames_of_a_full_decode(clips,
     path = {"bikes": BIKES, "carphone": CARPHONE}.get(name) or clip(clips, name)
     full = extract_frames.decode_frames(path, fps, skip_unused=False)
     plan = extract_frames._plan_kept_frames(path, fps)
-    skipped = extract_frames._decode(path, fps, 256, 1, plan)
-    assert skipped is not None, "the decoded frames did not follow the plan"
-    np.testing.assert_array_equal(np.stack(skipped[0]), full)
+    skipped = np.concatenate(list(extract_frames._decode(path, fps, 256, 1, 256, [], plan)))  # raises _OffPlan
+    np.testing.assert_array_equal(skipped, full)
     np.testing.assert_array_equal(extract_frames.decode_frames(path, fps), full)
     assert pictures_decoded(path, plan) < len(plan.shown) - 30
 
@@ -89,9 +88,52 @@ def test_a_plan_the_decoder_does_not_follow_falls_back_to_a_full_decode(clips, m
     full = extract_frames.decode_frames(path, 1, skip_unused=False)
     plan = extract_frames._plan_kept_frames(path, 1)
     wrong = plan._replace(kept=plan.kept[:2] + plan.kept[3:])  # the third kept frame is not asked for
-    assert extract_frames._decode(path, 1, 256, 1, wrong) is None
+    with pytest.raises(extract_frames._OffPlan):
+        list(extract_frames._decode(path, 1, 256, 1, 256, [], wrong))
     monkeypatch.setattr(extract_frames, "_plan_kept_frames", lambda path, fps: wrong)
     np.testing.assert_array_equal(extract_frames.decode_frames(path, 1), full)
+
+
+@pytest.mark.parametrize("name", ["h264.mp4", "hevc.mp4", "mpeg4.avi"])
+@pytest.mark.parametrize("window", [1, 7, 1000])
+def test_windows_are_the_frames_of_a_whole_video_decode(clips, name, window):
+    path = clip(clips, name)
+    full = extract_frames.decode_frames(path, 7, skip_unused=False)  # 44 frames
+    windows = list(extract_frames.decode_windows(path, 7, window=window))
+    assert [len(w) for w in windows] == [window] * (44 // window) + ([44 % window] if 44 % window else [])
+    np.testing.assert_array_equal(np.concatenate(windows), full)
+
+
+def test_a_plan_left_after_some_windows_goes_on_with_a_full_decode(clips, monkeypatch):
+    """Windows already yielded cannot be taken back: the full decode skips
+    them (checking their timestamps) and yields the rest."""
+    path = clip(clips, "h264.mp4")
+    full = extract_frames.decode_frames(path, 7, skip_unused=False)
+    plan = extract_frames._plan_kept_frames(path, 7)
+    wrong = plan._replace(kept=plan.kept[:30] + plan.kept[31:])  # off the plan at the 31st frame
+    monkeypatch.setattr(extract_frames, "_plan_kept_frames", lambda path, fps: wrong)
+    windows = list(extract_frames.decode_windows(path, 7, window=7))
+    assert [len(w) for w in windows] == [7] * 6 + [2]
+    np.testing.assert_array_equal(np.concatenate(windows), full)
+
+
+def test_failures_never_remove_a_file_this_program_did_not_write(tmp_path):
+    from test_preprocessing import run_script, write_list
+    videos = write_list(tmp_path / "videos.tsv", [("bikes", BIKES), ("missing", str(tmp_path / "missing.mp4"))])
+    # the video list given as --failures: refused before any work, untouched
+    result = run_script("extract_frames.py", "--video_list", videos, "--output", tmp_path / "frames",
+                        "--failures", videos, "--workers", "0", check=False)
+    assert result.returncode == 2 and not (tmp_path / "frames").exists()
+    assert result.stderr.strip() == (f"error: {videos}: exists and is not a failures file this program wrote; "
+                                     "give another --failures")
+    assert videos.read_text().startswith("bikes\t")
+    # its own failures file: a header line, then the failed videos; removed once nothing fails
+    run_script("extract_frames.py", "--video_list", videos, "--output", tmp_path / "frames", "--workers", "0")
+    header, line = (tmp_path / "frames" / "failures.tsv").read_text().splitlines()
+    assert header.startswith("# ") and line == f"missing\t{tmp_path / 'missing.mp4'}\tfile not found"
+    write_list(videos, [("bikes", BIKES)])
+    run_script("extract_frames.py", "--video_list", videos, "--output", tmp_path / "frames", "--workers", "0")
+    assert not (tmp_path / "frames" / "failures.tsv").exists()
 
 
 @pytest.mark.parametrize("name, expected", [("bigbuckbunny", 6), ("h264.avi", 7), ("xvid.avi", 7)])

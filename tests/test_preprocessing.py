@@ -271,15 +271,41 @@ class ChannelMeans(torch.nn.Module):
 def test_frames_batched_across_videos_keep_their_video():
     rng = np.random.default_rng(0)
     videos = [torch.from_numpy(rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)) for n in (5, 1, 7)]
-    items = [("a", "a.mp4", videos[0], None), ("broken", "b.mp4", None, "empty file"),
-             ("c", "c.mp4", videos[1], None), ("d", "d.mp4", videos[2], None)]
+    # iterate_videos' pieces: each video's windows, then its end or its error (here after a window)
+    items = [("a", "a.mp4", videos[0][:3], None), ("a", "a.mp4", videos[0][3:], None), ("a", "a.mp4", None, None),
+             ("broken", "b.mp4", videos[1], None), ("broken", "b.mp4", None, "truncated"),
+             ("c", "c.mp4", videos[1], None), ("c", "c.mp4", None, None),
+             ("d", "d.mp4", videos[2][:2], None), ("d", "d.mp4", videos[2][2:], None), ("d", "d.mp4", None, None)]
     results = list(extract_features.extract_videos(ChannelMeans(), items, batch_size=4))
     assert [r[0] for r in results] == ["a", "broken", "c", "d"] or [r[0] for r in results] == ["broken", "a", "c", "d"]
     by_id = {video_id: (features, error) for video_id, _, features, error in results}
-    assert by_id["broken"] == (None, "empty file")
+    assert by_id["broken"] == (None, "truncated")
     for video_id, frames in zip("acd", videos):
         expected = extract_features.extract_batch(ChannelMeans(), frames)
         torch.testing.assert_close(by_id[video_id][0], expected)
+
+
+def test_windows_give_the_features_of_whole_videos():
+    """Frames decoded 7 at a time give, bit for bit, the features of 256 at
+    a time (more than these videos hold), in either schedule: the batches
+    run across window boundaries."""
+    model = extract_features.build_extractor("imac", random_weights=True)
+    videos = [("bikes", BIKES), ("pristine", CARPHONE_PRISTINE)]  # 20 and 8 frames at 2 fps
+    for schedule in ("lanes", "overlap"):
+        whole, windowed = (list(extract_features.extract(model, videos, 2.0, 0, 3, schedule=schedule, window=window))
+                           for window in (256, 7))
+        assert [r[0] for r in windowed] == ["bikes", "pristine"] and [len(r[2]) for r in windowed] == [20, 8]
+        for (_, _, expected, _), (_, _, features, error) in zip(whole, windowed):
+            assert error is None and torch.equal(features, expected)
+
+
+def test_a_truncated_video_fails_after_its_windows(broken_videos):
+    """A truncated file decodes up to where it ends: the windows come, then
+    the error, so a caller keeps nothing of it."""
+    windows = extract_frames.decode_windows(dict(broken_videos)["truncated_mkv"], 1.0, window=2)
+    assert next(windows).shape == (2, 256, 256, 3)
+    with pytest.raises(extract_frames.VideoError, match="truncated"):
+        list(windows)
 
 
 @pytest.mark.parametrize("lanes", [0, 2])
