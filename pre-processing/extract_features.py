@@ -56,9 +56,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYERS = ("layer1", "layer2", "layer3", "layer4")  # 256 + 512 + 1024 + 2048 = 3840 channels
 FEATURE_DIMS = 3840
 DTYPES = ("float32", "float16")
-# Default frames per forward. On CPUs small batches run faster per frame
-# (measured on 2 cores: batch 8 1.3-1.6x batch 32, depending on the mode);
-# GPUs want large ones.
+# Default frames per forward: CPUs run small batches faster per frame, GPUs
+# want large ones (bench/NOTES.md).
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 64
 SCHEDULES = ("auto", "lanes", "overlap")
 
