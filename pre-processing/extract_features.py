@@ -10,9 +10,7 @@ With --video_list the videos are decoded by parallel worker processes
 (extract_frames.decode_windows: 1 fps, shorter side 256, centre crop 256) and
 the frames stream straight into the CNN, a window of 256 frames at a time,
 so a worker's memory does not grow with a video's length; nothing but the
-features is stored.
-With --frames_dir the .npy files written by extract_frames.py are read
-instead. On a CPU each worker process (one per core) runs the CNN itself, one
+features is stored. --frames_dir reads extract_frames.py's .npy files. On a CPU each worker process (one per core) runs the CNN itself, one
 thread, on the videos it decodes, in batches of 8 (--schedule lanes); on a
 GPU the main process runs it on batches of 64 frames across videos while the
 workers decode ahead (--schedule overlap). On a CPU the lanes and the

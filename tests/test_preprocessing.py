@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "pre-processing")
-sys.path.insert(0, SCRIPTS)
-import extract_features  # noqa: E402
+
+import extract_features  # noqa: E402  (pre-processing/ is on pytest.ini's pythonpath)
 import extract_frames  # noqa: E402
 import pca  # noqa: E402
 from h5_writer import ResumableH5Writer, dataset_names  # noqa: E402
