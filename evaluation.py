@@ -265,9 +265,10 @@ def encode_videos(model, features, keys, lengths, *, video_level=True, frame_lev
             owner = torch.tensor(owner, device=device)
             embeddings = frames = video_frames = None
             with torch.no_grad():
-                chunk_frames = torch.tensor([len(c) for c in chunks], device=device)
                 if model is None or frame_level:
                     padded, chunk_frames = pad_sequences(chunks, device=device)  # (K, T, C), (K,)
+                else:
+                    chunk_frames = torch.tensor([len(c) for c in chunks], device=device)
                 if model is None:  # baseline: the mean frame, the frames themselves
                     chunk_embeddings = padded.sum(1) / chunk_frames.unsqueeze(1) if video_level else None  # (K, C)
                     encoded = l2_normalize(padded) if frame_level else None

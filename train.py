@@ -188,11 +188,11 @@ def lr_scale(args, dist, device):
     return dist.local_size if device.type == "cuda" and dist.hvd and dist.hvd.nccl_built() else 1
 
 
-def make_optimizer(model, args, dist, device):
+def make_optimizer(model, args, dist, lr_scaler):
     """The optimizer of the query encoder (the key encoder follows by momentum,
     not by gradients), Horovod's distributed wrapper, and the cosine schedule."""
     params = list(model.encoder_q.parameters())
-    lr = args.learning_rate * lr_scale(args, dist, device)
+    lr = args.learning_rate * lr_scaler
     if args.optimizer == "adam":
         optimizer = torch.optim.Adam(params, lr=lr, weight_decay=args.weight_decay)
     else:
@@ -325,8 +325,8 @@ def train(args):
     encoder = build_model(**model_args(args))
     model = MoCo(encoder, dim=encoder.output_dim, K=args.moco_k, m=args.moco_m, T=args.moco_t).to(device)
     criterion = LOSSES[args.loss]
-    optimizer, scheduler = make_optimizer(model, args, dist, device)
     lr_scaler = lr_scale(args, dist, device)
+    optimizer, scheduler = make_optimizer(model, args, dist, lr_scaler)
 
     os.makedirs(args.model_path, exist_ok=True)
     start_epoch = 1
