@@ -39,6 +39,16 @@ FIVR200K_FRAMES, FIVR200K_QUERIES = 26e6, 100
 TCA_FEEDFORWARD = 2048  # model.TCA's default dim_feedforward
 
 
+def launch(command, ranks):
+    """`command` as one process, or under `horovodrun --gloo` on `ranks`
+    local ranks, and the environment to run it in."""
+    if ranks > 1:
+        horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+        command = [horovodrun, "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}"] + command
+    return command, dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                         TQDM_DISABLE="1")
+
+
 def write_benchmark(workdir, size):
     """A FIVR-format benchmark (a '5k' version), its features and a
     self-describing TCA checkpoint, in workdir."""
@@ -66,10 +76,7 @@ def evaluation_command(workdir, metric, ranks=1, features="features.h5"):
                workdir, "--feature_path", os.path.join(workdir, features), "--model_path",
                os.path.join(workdir, "model.pth"), "--metric", metric, "--json_out",
                os.path.join(workdir, f"{metric}.{ranks}.{features}.json")]
-    if ranks > 1:
-        horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-        command = [horovodrun, "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}"] + command
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", TQDM_DISABLE="1")
+    command, env = launch(command, ranks)
 
     def run():
         """Runs the command; returns the seconds it reports for the job itself
@@ -88,10 +95,7 @@ def extraction_command(workdir, video_list, size, ranks):
     output = os.path.join(workdir, f"extracted{ranks}.h5")
     command = [sys.executable, os.path.join(REPO, "pre-processing", "extract_features.py"), "--video_list",
                video_list, "--output", output, "--random_weights", "--fps", str(size["extraction_fps"])]
-    if ranks > 1:
-        horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-        command = [horovodrun, "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}"] + command
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", TQDM_DISABLE="1")
+    command, env = launch(command, ranks)
 
     def run():
         if os.path.exists(output):
