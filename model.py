@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import FRAMES_PER_BATCH, concat_all_gather, l2_normalize, length_buckets, make_frame_mask, pad_sequences
+from utils import FRAMES_PER_BATCH, l2_normalize, length_buckets, make_frame_mask, pad_sequences
 
 
 # --------------------------------------------------------------------------
@@ -460,11 +460,14 @@ class MoCo(nn.Module):
     gathered from all workers, are then enqueued.
 
     dim: embedding size of base_encoder; K: queue length; m: momentum of the
-    key encoder (m=0 copies the query encoder); T: softmax temperature.
+    key encoder (m=0 copies the query encoder); T: softmax temperature;
+    gather: a function concatenating a tensor from every worker along dim 0
+    (utils.all_gatherer), None for a single process.
     """
 
-    def __init__(self, base_encoder, dim=1024, K=65536, m=0.999, T=0.07):
+    def __init__(self, base_encoder, dim=1024, K=65536, m=0.999, T=0.07, gather=None):
         super().__init__()
+        self.gather = gather
         self.K = K
         self.m = m
         self.T = T
@@ -486,7 +489,8 @@ class MoCo(nn.Module):
         wrapping around its end (upstream asserts K % B == 0 instead, which
         fails with its own README's settings). With B > K only the last K
         keys are kept."""
-        keys = concat_all_gather(keys)
+        if self.gather is not None:
+            keys = self.gather(keys)
         batch_size = keys.shape[0]
         ptr = int(self.queue_ptr)
         positions = (ptr + torch.arange(batch_size, device=self.queue.device)) % self.K

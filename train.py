@@ -222,11 +222,11 @@ def save_checkpoint(model_path, model, optimizer, scheduler, epoch, args, lr_sca
 RESUME_FLAGS = ("aggregator", "pca_components", "output_dim", "num_clusters", "num_layers", "moco_k", "epochs")
 
 
-def restart_from_checkpoint(path, model, optimizer, scheduler, args, lr_scaler, device):
+def restart_from_checkpoint(path, model, optimizer, scheduler, args, lr_scaler, device, log=print):
     """Load checkpoint.pth into the model, optimizer and schedule; returns the
     epoch it ended. A run resumed on another number of ranks keeps its
     schedule but has its learning rate rescaled to the new world size
-    (lr_scaler: the new scale, see lr_scale)."""
+    (lr_scaler: the new scale, see lr_scale), said through `log`."""
     if not os.path.isfile(path):
         raise UserError(f"--resume: {path} not found")
     checkpoint = utils.load_torch_file(path, map_location=device)
@@ -249,8 +249,7 @@ def restart_from_checkpoint(path, model, optimizer, scheduler, args, lr_scaler, 
         for group in optimizer.param_groups:
             group["lr"] *= ratio
             group["initial_lr"] *= ratio
-        if utils.is_main_process():
-            print(f"--resume: learning rate rescaled x{ratio:g} ({old_scaler} -> {lr_scaler} ranks' scale)")
+        log(f"--resume: learning rate rescaled x{ratio:g} ({old_scaler} -> {lr_scaler} ranks' scale)")
     return checkpoint["epoch"]
 
 
@@ -323,7 +322,8 @@ def train(args):
     # ---- model, optimizer, schedule
     seed_everything(args.seed, 0, 0)  # same initial weights everywhere (rank 0's are broadcast anyway)
     encoder = build_model(**model_args(args))
-    model = MoCo(encoder, dim=encoder.output_dim, K=args.moco_k, m=args.moco_m, T=args.moco_t).to(device)
+    model = MoCo(encoder, dim=encoder.output_dim, K=args.moco_k, m=args.moco_m, T=args.moco_t,
+                 gather=utils.all_gatherer(dist)).to(device)
     criterion = LOSSES[args.loss]
     lr_scaler = lr_scale(args, dist, device)
     optimizer, scheduler = make_optimizer(model, args, dist, lr_scaler)
@@ -333,7 +333,7 @@ def train(args):
     if args.resume:
         checkpoint_path = os.path.join(args.model_path, "checkpoint.pth")
         start_epoch = restart_from_checkpoint(checkpoint_path, model, optimizer, scheduler, args, lr_scaler,
-                                              device) + 1
+                                              device, log=print if is_main else lambda _: None) + 1
         if is_main:
             print(f"resuming {checkpoint_path} after epoch {start_epoch - 1} of {args.epochs}"
                   + (": nothing left to train" if start_epoch > args.epochs else ""))

@@ -457,20 +457,8 @@ def atomic_torch_save(obj, path):
 
 
 # --------------------------------------------------------------------------
-# Horovod, optional: every helper is the single-process identity when Horovod
-# is not installed or not initialised, so models and evaluation never need it.
-
-def _hvd():
-    try:
-        import horovod.torch as hvd
-    except ImportError:
-        return None
-    try:
-        hvd.size()
-    except ValueError:  # "Horovod has not been initialized"
-        return None
-    return hvd
-
+# Horovod, optional: started only under a launcher, and handed on as a
+# Distributed, so models and evaluation never probe for it.
 
 Distributed = collections.namedtuple("Distributed", "hvd rank size local_rank local_size")
 
@@ -519,24 +507,10 @@ def local_device(dist, requested=None):
     return device
 
 
-def world_size():
-    hvd = _hvd()
-    return hvd.size() if hvd else 1
-
-
-def rank():
-    hvd = _hvd()
-    return hvd.rank() if hvd else 0
-
-
-def is_main_process():
-    return rank() == 0
-
-
-def concat_all_gather(tensor):
-    """Concatenate `tensor` from every worker along dim 0 (rank order).
-    Identity on a single process. No gradient flows through the gather."""
-    hvd = _hvd()
-    if hvd is None or hvd.size() == 1:
-        return tensor
-    return hvd.allgather(tensor.detach().contiguous())
+def all_gatherer(dist):
+    """A function concatenating a tensor from every rank along dim 0 (rank
+    order, no gradient through it), or None in a world of one."""
+    if dist.hvd is None or dist.size == 1:
+        return None
+    hvd = dist.hvd
+    return lambda tensor: hvd.allgather(tensor.detach().contiguous())

@@ -401,6 +401,17 @@ def test_moco_queue_wraps_around():
         assert torch.equal(moco.queue[:, (2 + i) % 8], many[i])
 
 
+def test_moco_enqueues_every_workers_keys():
+    """With a gather function (train.py: Horovod's allgather), the queue gets
+    every worker's keys in rank order, and the pointer moves by all of them."""
+    others = torch.full((2, 4), 7.0)  # the other rank's keys
+    moco = MoCo(build("tca"), dim=4, K=8, gather=lambda keys: torch.cat([keys, others]))
+    keys = torch.arange(8.0).view(2, 4)
+    moco._dequeue_and_enqueue(keys)
+    assert torch.equal(moco.queue[:, :4], torch.cat([keys, others]).t())
+    assert int(moco.queue_ptr) == 4
+
+
 def test_moco_forward_logits_and_enqueued_keys():
     """Logits are [anchor . positive, anchor . queue] / T; the negatives'
     keys (not the positives') are enqueued afterwards, negatives given as

@@ -91,7 +91,7 @@ def save_then_die(model_path, model, optimizer, scheduler, epoch, *rest):
 train.save_checkpoint = save_then_die
 args = train.get_args_parser().parse_args()
 model = utils.run_main(lambda: train.train(args))
-torch.save(model.state_dict(), os.path.join(args.model_path, "rank%d.pth" % utils.rank()))
+torch.save(model.state_dict(), os.path.join(args.model_path, "rank%d.pth" % utils.init_distributed().rank))
 """
 
 

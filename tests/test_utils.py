@@ -106,10 +106,18 @@ def test_load_state_dict_unwraps_and_strips_module(tmp_path):
         utils.load_state_dict(tmp_path / "garbage.pth")
 
 
-def test_single_process_helpers_are_identity():
-    x = torch.arange(6.0).reshape(3, 2)
-    assert utils.world_size() == 1 and utils.rank() == 0 and utils.is_main_process()
-    assert torch.equal(utils.concat_all_gather(x), x)
+def test_all_gatherer_none_on_one_process_else_horovods_allgather():
+    assert utils.all_gatherer(utils.Distributed(None, 0, 1, 0, 1)) is None
+
+    class FakeHorovod:  # what a 2-rank allgather of identical tensors returns
+        @staticmethod
+        def allgather(tensor):
+            assert not tensor.requires_grad and tensor.is_contiguous()
+            return torch.cat([tensor, tensor])
+    assert utils.all_gatherer(utils.Distributed(FakeHorovod, 0, 1, 0, 1)) is None
+    gather = utils.all_gatherer(utils.Distributed(FakeHorovod, 1, 2, 1, 2))
+    x = torch.arange(6.0, requires_grad=True).reshape(2, 3).t()  # not contiguous, needs grad
+    assert torch.equal(gather(x), torch.cat([x, x]).detach())
 
 
 def test_run_main_prints_one_line_and_exits_2():
