@@ -278,8 +278,8 @@ class FIVR(Benchmark):
     def table_rows(self, rows, title="metric"):
         table = super().table_rows(rows, title)
         if self.easy_duplicates is None:
-            table += (f"\nhard: not computed, no {self.easy_duplicates_path} "
-                      "(python datasets/download.py fivr_easy_duplicates)")
+            table += (f"\nhard: not computed, no {self.easy_duplicates_path} (S2VS's list of the real "
+                      "FIVR-200K's easy duplicates: python datasets/download.py fivr_easy_duplicates)")
         return table
 
 
