@@ -207,27 +207,20 @@ def batches(windows, batch_size):
         yield carried
 
 
-class VideoFeatures:
-    """Item i: (video_id, path, features (T, D) float32 or None, error or
-    None) of video i of `videos` [(id, path)], decoded at `fps` (None: .npy
-    frame files) a window of frames at a time, each run through the CNN in
-    batches of batch_size frames: only the features are ever held whole."""
-
-    def __init__(self, videos, fps, model, batch_size, window=WINDOW, channels_last=False, bf16=False):
-        self.videos, self.fps, self.model, self.batch_size = videos, fps, model, batch_size
-        self.window, self.channels_last, self.bf16 = window, channels_last, bf16
-
-    def __len__(self):
-        return len(self.videos)
-
-    def __getitem__(self, index):
-        video_id, path = self.videos[index]
-        try:
-            features = [extract_batch(self.model, batch, "cpu", self.channels_last, self.bf16)
-                        for batch in batches(frame_windows(path, self.fps, self.window), self.batch_size)]
-        except VideoError as e:
-            return video_id, path, None, str(e)
-        return video_id, path, torch.cat(features), None
+def feature_chunks(model, path, fps, batch_size, window=WINDOW, channels_last=False, bf16=False):
+    """The features (n, D) float32 of one video, about `window` frames at a
+    time: decoded at `fps` (None: an .npy frame file) a window at a time and
+    run through the CNN in batches of batch_size frames, so that neither its
+    frames nor its features are ever held whole. Raises VideoError."""
+    features, held = [], 0
+    for batch in batches(frame_windows(path, fps, window), batch_size):
+        features.append(extract_batch(model, batch, "cpu", channels_last, bf16))
+        held += len(features[-1])
+        if held >= window:
+            yield torch.cat(features)
+            features, held = [], 0
+    if features:
+        yield torch.cat(features)
 
 
 def _lane_init():
@@ -272,14 +265,27 @@ def extract_in_lanes(model, videos, fps=None, lanes=2, batch_size=CPU_BATCH_SIZE
     path, features (T, D) or None, error or None) in the order of `videos`;
     a lane that dies costs only its video, which comes back with the cause as
     its error. lanes 0: everything in this process, with its threads."""
-    items = VideoFeatures(videos, fps, model, batch_size, window, channels_last, bf16)
+    def pieces(index):  # in a lane: the video's features a window at a time (numpy), then its end
+        try:
+            for chunk in feature_chunks(model, videos[index][1], fps, batch_size, window, channels_last, bf16):
+                yield index, chunk.numpy(), None
+        except VideoError as e:
+            yield index, None, str(e)
+            return
+        yield index, None, None
 
-    def fetch(index):  # one piece: the video's features, as a numpy array
-        video_id, path, features, error = items[index]
-        yield video_id, path, features.numpy() if features is not None else None, error
-
-    for video_id, path, features, error in run_in_lanes(fetch, len(videos), lanes, _lane_init, _failed(videos)):
-        yield video_id, path, torch.from_numpy(features) if features is not None else None, error
+    # the main process joins a video's chunks: a lane holds one window's features, never the video's
+    chunks = []
+    for index, chunk, error in run_in_lanes(pieces, len(videos), lanes, _lane_init,
+                                            lambda index, cause: (index, None, cause)):
+        if chunk is not None:
+            chunks.append(torch.from_numpy(chunk))
+            continue
+        if error is None and not chunks:
+            error = "no frame decoded"
+        features = torch.cat(chunks) if error is None else None
+        chunks = []
+        yield *videos[index], features, error
 
 
 class _PendingVideo:

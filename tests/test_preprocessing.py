@@ -291,12 +291,17 @@ def test_windows_give_the_features_of_whole_videos():
     run across window boundaries."""
     model = extract_features.build_extractor("imac", random_weights=True)
     videos = [("bikes", BIKES), ("pristine", CARPHONE_PRISTINE)]  # 20 and 8 frames at 2 fps
-    for schedule in ("lanes", "overlap"):
-        whole, windowed = (list(extract_features.extract(model, videos, 2.0, 0, 3, schedule=schedule, window=window))
+    for schedule, workers in (("lanes", 0), ("lanes", 2), ("overlap", 0)):
+        whole, windowed = (list(extract_features.extract(model, videos, 2.0, workers, 3, schedule=schedule,
+                                                         window=window))
                            for window in (256, 7))
         assert [r[0] for r in windowed] == ["bikes", "pristine"] and [len(r[2]) for r in windowed] == [20, 8]
         for (_, _, expected, _), (_, _, features, error) in zip(whole, windowed):
             assert error is None and torch.equal(features, expected)
+    # what a lane sends on: the features a window at a time (whole batches of 3 until 7 are held)
+    chunks = list(extract_features.feature_chunks(model, BIKES, 2.0, 3, window=7))
+    assert [len(c) for c in chunks] == [9, 9, 2]
+    assert torch.equal(torch.cat(chunks), whole[0][2])
 
 
 def test_a_truncated_video_fails_after_its_windows(broken_videos):
