@@ -1,7 +1,5 @@
 """FIVR-200K-scale TCA_c retrieval: 100 query embeddings against 225,960,
 similarity.cosine_similarity then top-100, against the matrix product alone."""
-import gc
-
 import torch
 
 from bench.common import Target, fmt, gflops_summary, interleaved, pct, rates_against_peak, summary, table
@@ -36,8 +34,6 @@ def run(size, peak):
     for name in ("project", "matmul_only"):
         gflops, fraction = rates_against_peak(seconds[name], flops, seconds["peak"], peak_flops)
         result[name] = {"seconds": summary(seconds[name], "s"), "gflops": gflops, "fraction_of_peak": fraction}
-    del database
-    gc.collect()
     return result
 
 
