@@ -222,11 +222,11 @@ def save_checkpoint(model_path, model, optimizer, scheduler, epoch, args, lr_sca
 RESUME_FLAGS = ("aggregator", "pca_components", "output_dim", "num_clusters", "num_layers", "moco_k", "epochs")
 
 
-def restart_from_checkpoint(path, model, optimizer, scheduler, args, lr_scaler, device, log=print):
+def restart_from_checkpoint(path, model, optimizer, scheduler, args, lr_scaler, device, verbose=True):
     """Load checkpoint.pth into the model, optimizer and schedule; returns the
     epoch it ended. A run resumed on another number of ranks keeps its
     schedule but has its learning rate rescaled to the new world size
-    (lr_scaler: the new scale, see lr_scale), said through `log`."""
+    (lr_scaler: the new scale, see lr_scale), printed if verbose."""
     if not os.path.isfile(path):
         raise UserError(f"--resume: {path} not found")
     checkpoint = utils.load_torch_file(path, map_location=device)
@@ -249,7 +249,8 @@ def restart_from_checkpoint(path, model, optimizer, scheduler, args, lr_scaler, 
         for group in optimizer.param_groups:
             group["lr"] *= ratio
             group["initial_lr"] *= ratio
-        log(f"--resume: learning rate rescaled x{ratio:g} ({old_scaler} -> {lr_scaler} ranks' scale)")
+        if verbose:
+            print(f"--resume: learning rate rescaled x{ratio:g} ({old_scaler} -> {lr_scaler} ranks' scale)")
     return checkpoint["epoch"]
 
 
@@ -333,7 +334,7 @@ def train(args):
     if args.resume:
         checkpoint_path = os.path.join(args.model_path, "checkpoint.pth")
         start_epoch = restart_from_checkpoint(checkpoint_path, model, optimizer, scheduler, args, lr_scaler,
-                                              device, log=print if is_main else lambda _: None) + 1
+                                              device, verbose=is_main) + 1
         if is_main:
             print(f"resuming {checkpoint_path} after epoch {start_epoch - 1} of {args.epochs}"
                   + (": nothing left to train" if start_epoch > args.epochs else ""))

@@ -234,25 +234,32 @@ def _failed(videos):
     return lambda index, cause: (*videos[index], None, cause)
 
 
-def iterate_videos(videos, fps=None, workers=2, window=WINDOW):
-    """Decode (or load) `videos` [(id, path)] in `workers` background
-    processes (run_in_lanes: one that dies costs only its video), while the
-    main process runs the CNN (extract_videos). Yields, in the order of
-    `videos`, each video's windows (video_id, path, uint8 tensor (n, H, W, 3),
-    None), then its end (video_id, path, None, None), or, if it fails,
-    possibly after some windows, (video_id, path, None, error)."""
-    def pieces(index):  # in a worker: numpy arrays cross, not tensors
+def _stream_in_lanes(videos, produce, lanes):
+    """run_in_lanes over `videos` [(id, path)]: produce(path) yields a
+    video's numpy pieces in a lane and raises VideoError. Yields, in the
+    order of `videos`, each video's pieces (video_id, path, tensor, None),
+    then its end (video_id, path, None, None), or, if it fails, possibly
+    after some pieces, (video_id, path, None, error)."""
+    def pieces(index):  # in a lane: numpy arrays cross, not tensors
         video_id, path = videos[index]
         try:
-            for frames in frame_windows(path, fps, window):
-                yield video_id, path, frames, None
+            for piece in produce(path):
+                yield video_id, path, piece, None
         except VideoError as e:
             yield video_id, path, None, str(e)
             return
         yield video_id, path, None, None
 
-    for video_id, path, frames, error in run_in_lanes(pieces, len(videos), workers, _lane_init, _failed(videos)):
-        yield video_id, path, torch.from_numpy(frames) if frames is not None else None, error
+    for video_id, path, piece, error in run_in_lanes(pieces, len(videos), lanes, _lane_init, _failed(videos)):
+        yield video_id, path, torch.from_numpy(piece) if piece is not None else None, error
+
+
+def iterate_videos(videos, fps=None, workers=2, window=WINDOW):
+    """Decode (or load) `videos` [(id, path)] in `workers` background
+    processes (run_in_lanes: one that dies costs only its video), while the
+    main process runs the CNN (extract_videos). Yields _stream_in_lanes'
+    items, the pieces being the videos' windows, uint8 (n, H, W, 3)."""
+    return _stream_in_lanes(videos, lambda path: frame_windows(path, fps, window), workers)
 
 
 def extract_in_lanes(model, videos, fps=None, lanes=2, batch_size=CPU_BATCH_SIZE, channels_last=False,
@@ -265,27 +272,18 @@ def extract_in_lanes(model, videos, fps=None, lanes=2, batch_size=CPU_BATCH_SIZE
     path, features (T, D) or None, error or None) in the order of `videos`;
     a lane that dies costs only its video, which comes back with the cause as
     its error. lanes 0: everything in this process, with its threads."""
-    def pieces(index):  # in a lane: the video's features a window at a time (numpy), then its end
-        try:
-            for chunk in feature_chunks(model, videos[index][1], fps, batch_size, window, channels_last, bf16):
-                yield index, chunk.numpy(), None
-        except VideoError as e:
-            yield index, None, str(e)
-            return
-        yield index, None, None
+    def produce(path):
+        return (chunk.numpy() for chunk in feature_chunks(model, path, fps, batch_size, window, channels_last, bf16))
 
-    # the main process joins a video's chunks: a lane holds one window's features, never the video's
+    # a lane sends a video's features a window at a time and the main process joins them: no
+    # lane holds a whole video's features
     chunks = []
-    for index, chunk, error in run_in_lanes(pieces, len(videos), lanes, _lane_init,
-                                            lambda index, cause: (index, None, cause)):
+    for video_id, path, chunk, error in _stream_in_lanes(videos, produce, lanes):
         if chunk is not None:
-            chunks.append(torch.from_numpy(chunk))
+            chunks.append(chunk)
             continue
-        if error is None and not chunks:
-            error = "no frame decoded"
-        features = torch.cat(chunks) if error is None else None
+        yield video_id, path, torch.cat(chunks) if error is None else None, error
         chunks = []
-        yield *videos[index], features, error
 
 
 class _PendingVideo:
