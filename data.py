@@ -36,7 +36,10 @@ import numpy as np
 from metrics import average_precision, micro_average_precision, rank_hits  # noqa: F401 (the measures' API)
 from utils import UserError, check_finite, load_pickle, open_features, pad_sequences
 
-DOWNLOAD_HINT = "see datasets/README.md for where to download the annotation files (or pass --annotation_dir)"
+# the annotation files ship in the repository's datasets/ (datasets/README.md); the scripts default to it
+# wherever they are run from
+DATASETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets")
+DOWNLOAD_HINT = "the repository ships them in datasets/; python datasets/download.py re-fetches them (or pass --annotation_dir)"
 EASY_DUPLICATES = "fivr_easy_duplicates.txt"
 
 # The result of a run: `metrics` as --json_out writes them, the queries
@@ -218,7 +221,7 @@ class FIVR(Benchmark):
     metric_names = metric_keys = ("DSVR", "CSVR", "ISVR")
     protocols = ("available", "full")
 
-    def __init__(self, version="200k", annotation_dir="datasets"):
+    def __init__(self, version="200k", annotation_dir=DATASETS_DIR):
         path = annotation_path(annotation_dir, "fivr.pickle")
         data = load_pickle(path)
         try:
@@ -303,7 +306,7 @@ class CC_WEB_VIDEO(Benchmark):
     metric_keys = ("cc_web", "cc_web_star", "cc_web_c", "cc_web_star_c")
     name = "CC_WEB_VIDEO"
 
-    def __init__(self, annotation_dir="datasets"):
+    def __init__(self, annotation_dir=DATASETS_DIR):
         path = os.path.join(annotation_dir, "cc_web_video.pickle")
         if not os.path.isfile(path) and os.path.isfile(os.path.join(annotation_dir, "cc_web_video_tca.pickle")):
             path = os.path.join(annotation_dir, "cc_web_video_tca.pickle")
@@ -380,7 +383,7 @@ class EVVE(Benchmark):
     metric_names = metric_keys = ("mAP", "avg_mAP", "uAP")
     name = "EVVE"
 
-    def __init__(self, annotation_dir="datasets"):
+    def __init__(self, annotation_dir=DATASETS_DIR):
         path = annotation_path(annotation_dir, "evve.pickle")
         data = load_pickle(path)
         try:
@@ -430,7 +433,7 @@ class VCDB(Benchmark):
     metric_names = metric_keys = ("mAP", "uAP")
     name = "VCDB"
 
-    def __init__(self, annotation_dir="datasets"):
+    def __init__(self, annotation_dir=DATASETS_DIR):
         path = annotation_path(annotation_dir, "vcdb.pickle")
         data = load_pickle(path)
         try:
@@ -459,7 +462,7 @@ class VCDB(Benchmark):
 DATASETS = ("FIVR-5K", "FIVR-200K", "CC_WEB_VIDEO", "EVVE", "VCDB")
 
 
-def load_benchmark(name, annotation_dir="datasets"):
+def load_benchmark(name, annotation_dir=DATASETS_DIR):
     """Benchmark by its command-line name (case-insensitive)."""
     key = name.upper()
     if key in ("FIVR-5K", "FIVR-200K"):

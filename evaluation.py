@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 import report
-from data import DATASETS, load_benchmark
+from data import DATASETS, DATASETS_DIR, load_benchmark
 from utils import (FRAMES_PER_BATCH, UserError, atomic_path, balanced_owners, check_writable, init_distributed,
                    l2_normalize, length_buckets, load_checkpoint, load_similarities, local_device, open_features,
                    os_error_line, pad_sequences, read_features, run_main, save_similarities)
@@ -54,9 +54,9 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="Evaluate video retrieval (mAP) on a benchmark.")
     parser.add_argument("-d", "--dataset", type=str, required=True,
                         help=f"Benchmark: {', '.join(DATASETS)}")
-    parser.add_argument("--annotation_dir", type=str, default="datasets",
+    parser.add_argument("--annotation_dir", type=str, default=DATASETS_DIR,
                         help="Directory holding the benchmark's annotation pickle, e.g. fivr.pickle "
-                             "(default: %(default)s; see datasets/README.md). A custom benchmark in the same "
+                             "(default: the repository's datasets/, which ships them; see datasets/README.md). A custom benchmark in the same "
                              "format is evaluated from its own directory")
     # precomputed similarities
     parser.add_argument("--similarities", type=str, default=None,

@@ -30,7 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import utils
-from data import VCDBPairDataset, collate_pairs
+from data import DATASETS_DIR, VCDBPairDataset, collate_pairs
 from model import AGGREGATORS, MoCo, build_model
 from utils import UserError
 
@@ -38,8 +38,9 @@ from utils import UserError
 def get_args_parser():
     parser = argparse.ArgumentParser("TCA training on VCDB", add_help=True)
     # data and output
-    parser.add_argument("-ap", "--annotation_path", type=str, required=True,
-                        help="Path to vcdb.pickle: 'video_pairs' give the anchor/positive pairs, 'negs' the background videos")
+    parser.add_argument("-ap", "--annotation_path", type=str, default=os.path.join(DATASETS_DIR, "vcdb.pickle"),
+                        help="Path to vcdb.pickle: 'video_pairs' give the anchor/positive pairs, 'negs' the background "
+                             "videos (default: the repository's datasets/vcdb.pickle, which ships with it)")
     parser.add_argument("-fp", "--feature_path", type=str, required=True,
                         help="HDF5 file with one (frames, --pca_components) dataset per video id, anchors, positives and negatives")
     parser.add_argument("-mp", "--model_path", type=str, required=True,

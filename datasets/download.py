@@ -1,5 +1,5 @@
-"""Download the benchmarks' annotation files into datasets/ and check them
-against their known SHA-256. Usage: python datasets/download.py [name ...]
+"""Re-fetch the benchmarks' annotation files into datasets/ (the repository
+ships them) and check them against the SHA-256 in datasets/SHA256SUMS. Usage: python datasets/download.py [name ...]
 (names: fivr fivr_easy_duplicates cc_web_video cc_web_video_tca evve vcdb;
 default: all)."""
 import argparse
@@ -11,22 +11,30 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GITHUB = "https://raw.githubusercontent.com"
-FILES = {
-    # name: (url, sha256); saved as <name>.pickle, or under the url's file name when it is not a pickle
-    "fivr": (f"{GITHUB}/mever-team/distill-and-select/main/datasets/fivr.pickle",
-             "dce327ab664dfaade878a3fb474f7a598141a513c484572f95629dcbf1c020f3"),
-    # S2VS's easy duplicates (MIT), for FIVR "hard"
-    "fivr_easy_duplicates": (f"{GITHUB}/gkordo/s2vs/main/data/fivr_easy_duplicates.txt",
-                             "b50b7135d68d686c9a09f16196e134cab36d16007377c53f54c49ba83bc7efdb"),
-    "cc_web_video": (f"{GITHUB}/MKLab-ITI/visil/master/datasets/cc_web_video.pickle",
-                     "6c33932cfa6ed08eb02fb47189b38bcef124c07794e99adf5c04163dcf4c52fe"),
-    "cc_web_video_tca": (f"{GITHUB}/xwen99/temporal_context_aggregation/master/datasets/cc_web_video.pickle",
-                         "6166e6d9090f93a10dc4af5827a864e65ee77f8a0992576ab1a0849af47fe20b"),
-    "evve": (f"{GITHUB}/MKLab-ITI/visil/master/datasets/evve.pickle",
-             "0898fafc817b9457be25cafeefa996d78d1021fb4816a9e3c1a14b7493023410"),
-    "vcdb": (f"{GITHUB}/xwen99/temporal_context_aggregation/master/datasets/vcdb.pickle",
-             "6cec73506f401c4dc6d0af2757b2927307cff1dcb6f1c5d9d6775e358fefe4bf"),
+# name: url; saved as <name>.pickle, or under the url's file name when it is not a pickle. Their SHA-256
+# are those of the files this repository ships, listed once in SHA256SUMS.
+URLS = {
+    "fivr": f"{GITHUB}/mever-team/distill-and-select/main/datasets/fivr.pickle",
+    "fivr_easy_duplicates": f"{GITHUB}/gkordo/s2vs/main/data/fivr_easy_duplicates.txt",  # MIT, for FIVR "hard"
+    "cc_web_video": f"{GITHUB}/MKLab-ITI/visil/master/datasets/cc_web_video.pickle",
+    "cc_web_video_tca": f"{GITHUB}/xwen99/temporal_context_aggregation/master/datasets/cc_web_video.pickle",
+    "evve": f"{GITHUB}/MKLab-ITI/visil/master/datasets/evve.pickle",
+    "vcdb": f"{GITHUB}/xwen99/temporal_context_aggregation/master/datasets/vcdb.pickle",
 }
+
+
+def file_name(name):
+    url = URLS[name]
+    return f"{name}.pickle" if url.endswith(".pickle") else os.path.basename(url)
+
+
+def expected_sha256():
+    """{file name: SHA-256} from SHA256SUMS (sha256sum's format)."""
+    with open(os.path.join(HERE, "SHA256SUMS")) as f:
+        return {name: digest for digest, name in (line.split() for line in f if line.strip())}
+
+
+FILES = {name: (URLS[name], expected_sha256()[file_name(name)]) for name in URLS}
 
 
 def main():
@@ -43,7 +51,7 @@ def main():
     failed = []
     for name in names:
         url, sha256 = FILES[name]
-        target = os.path.join(args.out_dir, f"{name}.pickle" if url.endswith(".pickle") else os.path.basename(url))
+        target = os.path.join(args.out_dir, file_name(name))
         if os.path.exists(target) and hashlib.sha256(open(target, "rb").read()).hexdigest() == sha256:
             print(f"{target}: already present")
             continue

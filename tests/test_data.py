@@ -362,3 +362,20 @@ def test_evve_and_vcdb_micro_average_precision(annotation_dir):
     gt1, gt2 = sorted(v.ground_truth[q])[:2]
     m = v.evaluate([q], [q, gt1, v.database[600], gt2], np.array([[1.0, 0.9, 0.8, 0.7]]), log=Log())
     assert m["uAP"] == pytest.approx(m["mAP"]) and m["uAP"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_annotation_files_ship_in_datasets_with_their_recorded_hashes():
+    """A fresh clone needs nothing beside it: the six files are in datasets/, the scripts' default, and
+    their bytes are the ones SHA256SUMS (which download.py checks against) and datasets/README.md list."""
+    import hashlib
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("download", os.path.join(data.DATASETS_DIR, "download.py"))
+    download = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(download)
+    readme = open(os.path.join(data.DATASETS_DIR, "README.md")).read()
+    assert len(download.FILES) == 6
+    for name, (url, sha256) in download.FILES.items():
+        path = os.path.join(data.DATASETS_DIR, download.file_name(name))
+        assert hashlib.sha256(open(path, "rb").read()).hexdigest() == sha256, path
+        assert f"`{sha256}`" in readme
+    assert data.load_benchmark("FIVR-5K").name  # the default folder, from any working directory
