@@ -12,7 +12,7 @@ import numpy as np
 
 import evaluation
 from bench.common import Target, fmt, interleaved, per_round, summary, table
-from data import FIVR, load_benchmark
+from data import DATASETS_DIR, FIVR, load_benchmark
 from utils import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,16 +80,8 @@ def s2vs_fivr_keys(annotation, similarities, all_db, easy):
 
 
 def find_annotation_dir(given):
-    """--annotation_dir, else $TCA_ANNOTATION_DIR, else the first of datasets/
-    and ../shared/datasets that holds fivr.pickle."""
-    given = given or os.environ.get("TCA_ANNOTATION_DIR")
-    if given:
-        return given
-    for candidate in (os.path.join(REPO, "datasets"), os.path.join(REPO, "..", "shared", "datasets")):
-        if os.path.isfile(os.path.join(candidate, "fivr.pickle")):
-            return os.path.abspath(candidate)
-    raise UserError("map section: no fivr.pickle in datasets/ or ../shared/datasets; pass --annotation_dir "
-                    "(see datasets/README.md)")
+    """--annotation_dir, else $TCA_ANNOTATION_DIR, else the repository's datasets/ (which ships fivr.pickle)."""
+    return given or os.environ.get("TCA_ANNOTATION_DIR") or DATASETS_DIR
 
 
 def fivr_similarities(benchmark, num_queries, num_database, seed=5):
@@ -164,9 +156,9 @@ def run(size, annotation_dir, workdir):
     s2vs_extrapolated = [s * len(queries) / n for s in s2vs_rounds]
     keys = list(ours)
     return {
-        "config": size | {"database": len(database), "annotation_dir": annotation_dir,
+        "config": size | {"database": len(database), "annotation_dir": os.path.relpath(annotation_dir, REPO),
                           "command": "python evaluation.py --dataset FIVR-200K --similarities sims.npz "
-                                     f"--annotation_dir {annotation_dir}"},
+                                     f"--annotation_dir {os.path.relpath(annotation_dir, REPO)}"},
         "matrix_shape": list(similarities.shape),
         "cli_seconds": summary(seconds["cli"], "s"),
         "in_process_seconds": summary(seconds["in_process"], "s"),

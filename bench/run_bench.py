@@ -69,7 +69,7 @@ def get_args_parser():
                         help=f"Comma-separated sections to run, of: {', '.join(SECTIONS)}")
     parser.add_argument("--annotation_dir", default=None,
                         help="Directory holding fivr.pickle for the map section (default: $TCA_ANNOTATION_DIR, "
-                             "else datasets/ if it has it, else ../shared/datasets beside the repository)")
+                             "else the repository's datasets/, which ships it)")
     parser.add_argument("--resnet_weights", default=None,
                         help="Local ResNet-50 state dict for the extraction section (default: seeded random "
                              "weights, which run at the same speed; the bf16 deviation is then indicative only)")
