@@ -413,6 +413,28 @@ def check_writable(path):
         raise UserError(f"{path}: cannot write in {folder} ({e.strerror or e})") from None
 
 
+def check_outputs_apart(outputs, inputs):
+    """Refuse, in one line and before any work, an output that would replace
+    an input: the same file by path, through a symlink, './' or a hard link.
+    `outputs` and `inputs` map a flag name to a path (None: not given); an
+    output folder (`--plot DIR`) is refused when it is an input file."""
+    def identity(path):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None  # not there yet: it cannot be an input
+        return stat.st_dev, stat.st_ino
+    given = {identity(path): (flag, path) for flag, path in inputs.items() if path is not None}
+    given.pop(None, None)
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        hit = given.get(identity(path))
+        if hit is not None:
+            raise UserError(f"{path}: {flag} would overwrite the input {hit[0]} ({hit[1]}); "
+                            "choose another output path")
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path in the same directory as `path`; when the block

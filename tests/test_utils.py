@@ -172,3 +172,16 @@ def test_load_checkpoint_gives_model_args(tmp_path):
     torch.save({"epoch": 3}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="other.pth: checkpoint holds no state dict"):
         utils.load_checkpoint(tmp_path / "other.pth")
+
+
+def test_check_outputs_apart_refuses_an_input_by_path_symlink_and_hard_link(tmp_path):
+    from utils import check_outputs_apart
+    features = tmp_path / "f.h5"
+    features.write_bytes(b"features")
+    (tmp_path / "link.h5").symlink_to(features)
+    os.link(features, tmp_path / "hard.h5")
+    for output in (features, tmp_path / "." / "f.h5", tmp_path / "link.h5", tmp_path / "hard.h5"):
+        with pytest.raises(UserError, match=r"--json_out would overwrite the input --feature_path"):
+            check_outputs_apart({"--json_out": str(output)}, {"--feature_path": str(features), "--model_path": None})
+    assert features.read_bytes() == b"features"
+    check_outputs_apart({"--json_out": str(tmp_path / "new.json"), "--plot": None}, {"--feature_path": str(features)})
