@@ -33,7 +33,7 @@ import re
 
 import numpy as np
 
-from metrics import average_precision, micro_average_precision, rank_hits  # noqa: F401 (the measures' API)
+from metrics import rank_hits
 from utils import UserError, check_finite, load_pickle, open_features, pad_sequences
 
 # the annotation files ship in the repository's datasets/ (datasets/README.md); the scripts default to it

@@ -37,8 +37,7 @@ import numpy as np
 
 import report
 from data import DATASETS, DATASETS_DIR, load_benchmark
-from retrieval import (ARCHITECTURE_FLAGS, METRICS, PADDING_SIZE, evaluate_similarities, load_model, parse_metrics,
-                       score_benchmark)
+from retrieval import METRICS, PADDING_SIZE, evaluate_similarities, load_model, parse_metrics, score_benchmark
 from utils import (FRAMES_PER_BATCH, UserError, atomic_path, check_writable, init_distributed, load_similarities,
                    local_device, os_error_line, run_main, save_similarities)
 
@@ -187,6 +186,7 @@ def main():
         device = local_device(dist, args.device)
         model = None
         if not args.baseline:
+            from model import ARCHITECTURE_FLAGS
             flags = {flag: getattr(args, flag) for flag in ARCHITECTURE_FLAGS}
             model = load_model(args.model_path, flags, device)
         query_ids, database_ids, similarities, stats, evaluations = score_benchmark(

@@ -536,3 +536,60 @@ def all_gatherer(dist):
         return None
     hvd = dist.hvd
     return lambda tensor: hvd.allgather(tensor.detach().contiguous())
+
+
+def rank_share(work, rank, size):
+    """The positions (ascending) of the items of `work` (each item's cost:
+    frames, bytes) that rank `rank` of `size` takes: balanced_owners's share,
+    so the ranks finish together. Deterministic; every rank computes it alone."""
+    if size == 1:
+        return np.arange(len(work))
+    return np.flatnonzero(balanced_owners(work, size) == rank)
+
+
+def gather_rows(dist, positions, rows):
+    """Every rank's (positions (n_r,), {name: (n_r, ...) numpy rows})
+    concatenated in rank order, on every rank (Horovod allgather)."""
+    import torch
+    positions = dist.hvd.allgather(torch.from_numpy(positions.astype(np.int64)), name="positions").numpy()
+    gathered = {name: dist.hvd.allgather(torch.from_numpy(r), name=f"rows.{name}").numpy()
+                for name, r in rows.items()}
+    return positions, gathered
+
+
+def gather_objects(dist, value):
+    """[value of rank 0, value of rank 1, ...] (any picklable value) on every
+    rank; waits for all of them."""
+    return [value] if dist.size == 1 else dist.hvd.allgather_object(value)
+
+
+def _stop_every_rank(dist, message):
+    # rank 0 says it once; the others leave quietly with the same status
+    if dist.rank == 0:
+        raise UserError(message)
+    raise SystemExit(2)
+
+
+def on_rank0(dist, function):
+    """function() run on rank 0 only; its result, or its UserError, reaches
+    every rank (the others then exit 2 without a word)."""
+    if dist.size == 1:
+        return function()
+    result, error = None, None
+    if dist.rank == 0:
+        try:
+            result = function()
+        except UserError as e:
+            error = str(e)
+    result, error = dist.hvd.broadcast_object((result, error), root_rank=0)
+    if error is not None:
+        _stop_every_rank(dist, error)
+    return result
+
+
+def agree(dist, error):
+    """Every rank stops if any rank met an error (a message; None: none did):
+    rank 0 reports the first one."""
+    errors = [e for e in gather_objects(dist, error) if e is not None]
+    if errors:
+        _stop_every_rank(dist, errors[0])

@@ -185,3 +185,65 @@ def test_check_outputs_apart_refuses_an_input_by_path_symlink_and_hard_link(tmp_
             check_outputs_apart({"--json_out": str(output)}, {"--feature_path": str(features), "--model_path": None})
     assert features.read_bytes() == b"features"
     check_outputs_apart({"--json_out": str(tmp_path / "new.json"), "--plot": None}, {"--feature_path": str(features)})
+
+
+def test_rank_share_covers_every_item_once_and_balances_work():
+    work = np.random.default_rng(1).integers(1, 500, 57)
+    shares = [utils.rank_share(work, rank, 3) for rank in range(3)]
+    assert sorted(np.concatenate(shares).tolist()) == list(range(len(work)))
+    assert all((np.diff(s) > 0).all() for s in shares)  # ascending
+    loads = [int(work[s].sum()) for s in shares]
+    assert max(loads) - min(loads) <= work.max()
+    assert utils.rank_share(work, 0, 1).tolist() == list(range(len(work)))
+
+
+class _FakeRanks:
+    """Horovod's object collectives for rank `rank` of a world whose ranks
+    contribute `values` (allgather_object) and whose rank 0 broadcasts what it is given."""
+
+    def __init__(self, rank, values):
+        self.rank, self.values, self.broadcast_from_rank0 = rank, values, None
+
+    def allgather_object(self, value):
+        assert value == self.values[self.rank]
+        return list(self.values)
+
+    def broadcast_object(self, value, root_rank):
+        if self.rank == 0:
+            self.broadcast_from_rank0 = value
+        return self.broadcast_from_rank0
+
+
+def test_on_rank0_and_agree_stop_every_rank_with_rank_0_reporting():
+    one = utils.Distributed(None, 0, 1, 0, 1)
+    assert utils.on_rank0(one, lambda: 7) == 7 and utils.agree(one, None) is None
+    with pytest.raises(UserError, match="bad"):
+        utils.on_rank0(one, lambda: (_ for _ in ()).throw(UserError("bad")))
+    # agree: a rank's error stops rank 0 with the message, the others with exit 2
+    errors = [None, "rank 1: disk full"]
+    for rank in (0, 1):
+        dist = utils.Distributed(_FakeRanks(rank, errors), rank, 2, rank, 2)
+        if rank == 0:
+            with pytest.raises(UserError, match="rank 1: disk full"):
+                utils.agree(dist, errors[rank])
+        else:
+            with pytest.raises(SystemExit) as exit_:
+                utils.agree(dist, errors[rank])
+            assert exit_.value.code == 2
+    assert utils.agree(utils.Distributed(_FakeRanks(1, [None, None]), 1, 2, 1, 2), None) is None
+    # on_rank0: rank 0's result (or error) reaches rank 1, which never runs the function
+    hvd = _FakeRanks(0, [])
+    assert utils.on_rank0(utils.Distributed(hvd, 0, 2, 0, 2), lambda: {"done": 3}) == {"done": 3}
+    hvd.rank = 1
+    assert utils.on_rank0(utils.Distributed(hvd, 1, 2, 1, 2), lambda: pytest.fail("ran on rank 1")) == {"done": 3}
+
+
+def test_gather_rows_concatenates_in_rank_order():
+    class TwoRanks:  # rank 0 holds positions [2], rank 1 (this one) [0, 1]
+        @staticmethod
+        def allgather(tensor, name):
+            other = torch.tensor([2]) if name == "positions" else torch.full((1, 3), 9.0)
+            return torch.cat([other, tensor])
+    positions, rows = utils.gather_rows(utils.Distributed(TwoRanks, 1, 2, 1, 2), np.array([0, 1]),
+                                        {"cosine": np.zeros((2, 3), np.float32)})
+    assert positions.tolist() == [2, 0, 1] and rows["cosine"].tolist() == [[9.0] * 3, [0.0] * 3, [0.0] * 3]
