@@ -199,8 +199,27 @@ def encode_videos(model, features, keys, lengths, *, video_level=True, frame_lev
                     for k, j in enumerate(owner.tolist()):
                         per_video[j].append(encoded[k, :chunk_frames[k]])
                     frames, video_frames = pad_sequences([torch.cat(v) for v in per_video], device=device)
+            _check_finite_embeddings(features, keys, batch, embeddings, frames)
             yield EncodedBatch(batch, embeddings, frames, video_frames)
             progress.update(len(batch))
+
+
+def _check_finite_embeddings(features, keys, batch, *embeddings):
+    """A non-finite embedding (n, ...) is an error naming its video: its
+    similarities would be NaN, which ranking takes for "not computed" and
+    silently leaves out. The features were checked finite on reading and the
+    checkpoint's weights on loading, so it is finite input too large for the
+    model (e.g. 1e30 overflows attention)."""
+    import torch
+    for tensor in embeddings:
+        if tensor is None:
+            continue
+        finite = torch.isfinite(tensor).flatten(1).all(1)  # (n,)
+        if not finite.all():
+            key = keys[batch[int(torch.nonzero(~finite)[0, 0])]]
+            raise UserError(f"{getattr(features, 'filename', '')}: video {key}: its embedding is not finite "
+                            "(NaN or infinity) though its features and the model's weights are: feature values "
+                            "too large for this model? (PCA-whitened features are of order 1)")
 
 
 def database_shard(lengths, rank, size):
@@ -268,6 +287,10 @@ def model_similarities(model, features, feature_path, benchmark, metrics, paddin
                 stored[1] += int(batch.num_frames.sum()) * batch.frames.shape[2]
         for m in metrics:
             columns[m][batch.indices] = scores[m].t().cpu().numpy()
+            if not np.isfinite(columns[m][batch.indices]).all():  # embeddings are finite: should never happen
+                d, q = np.argwhere(~np.isfinite(columns[m][batch.indices]))[0]
+                raise UserError(f"{feature_path}: video {database_keys[shard[batch.indices[d]]]}: its {m} "
+                                f"similarity to query {query_ids[q]} is not finite")
         similarity_seconds += time.perf_counter() - t1
     database_seconds = time.perf_counter() - t0 - similarity_seconds
 
