@@ -133,10 +133,11 @@ def get_args_parser():
                              "flag or --resume such a run is refused)")
     parser.add_argument("--seed", type=int, default=0,
                         help="Seed of initialisation, shuffling, negative sampling, cropping and dropout")
-    parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--tensorboard", action="store_true", default=True,
                         help="Write TensorBoard event files of loss, learning rate, pairs/s and the validation "
-                             "keys into --model_path (rank 0; on by default, --no_tensorboard skips them). "
-                             "curves.png is drawn from log.jsonl either way")
+                             "keys into --model_path (rank 0): the default, the flag only says so")
+    parser.add_argument("--no_tensorboard", "--no-tensorboard", dest="tensorboard", action="store_false",
+                        help="No TensorBoard event files (curves.png is drawn from log.jsonl either way)")
     # validation
     parser.add_argument("--val_dataset", type=str, default=None,
                         help=f"Evaluate the query encoder on this benchmark during training ({', '.join(DATASETS)}), "
