@@ -400,12 +400,14 @@ def two_worker_run(tmp_path_factory, synthetic):
     tmp_path = tmp_path_factory.mktemp("hvd")
     model_path = str(tmp_path / "full")
     command = train_command(tmp_path, *synthetic, model_path, "--epochs", "4", "--num_workers", "1",
-                            "--fp16-allreduce", "--seed", "3", workers=2)
+                            "--fp16-allreduce", "--seed", "3", "--val_dataset", "FIVR-5K", "--val_feature_path",
+                            synthetic[1], "--val_annotation_dir", write_validation_benchmark(str(tmp_path)),
+                            "--val_every", "4", workers=2)
     return tmp_path, command, model_path, run(command)
 
 
 def test_two_horovod_workers_end_with_identical_weights(two_worker_run):
-    _, _, model_path, result = two_worker_run
+    _, command, model_path, result = two_worker_run
     rank0 = torch.load(os.path.join(model_path, "rank0.pth"), weights_only=True)
     rank1 = torch.load(os.path.join(model_path, "rank1.pth"), weights_only=True)
     assert_same_state(rank0, rank1)  # encoders, queue and queue pointer
@@ -417,6 +419,14 @@ def test_two_horovod_workers_end_with_identical_weights(two_worker_run):
     # rank 0 wrote model.pth from the same weights
     model = torch.load(os.path.join(model_path, "model.pth"), weights_only=True)["model"]
     assert_same_state(model, {k[len("encoder_q."):]: v for k, v in rank0.items() if k.startswith("encoder_q.")})
+    # the validation, sharded over the two ranks, measured what one evaluation.py process measures
+    validated = [r for r in epoch_records(model_path) if "val" in r]
+    assert [r["epoch"] for r in validated] == [4]
+    run([PYTHON, "evaluation.py", "--dataset", "FIVR-5K", "--annotation_dir", os.path.dirname(model_path),
+         "--feature_path", command[command.index("--feature_path") + 1], "--model_path",
+         os.path.join(model_path, "model.pth"), "--json_out", os.path.join(model_path, "eval.json")])
+    with open(os.path.join(model_path, "eval.json")) as f:
+        assert json.load(f) == pytest.approx(validated[0]["val"]["cosine"], abs=1e-6)
 
 
 def test_resume_after_kill_equals_uninterrupted_run(two_worker_run):
