@@ -18,7 +18,7 @@ import json
 import math
 import os
 
-from utils import UserError, atomic_path
+from utils import UserError, atomic_path, save_figure
 
 LOG_NAME, PLOT_NAME = "log.jsonl", "curves.png"
 EVENT_FILES = "events.out.tfevents.*"  # SummaryWriter's file names
@@ -150,8 +150,4 @@ def plot_curves(records, path):
     else:
         ax.text(0.5, 0.5, "no validation (--val_dataset)", ha="center", va="center", transform=ax.transAxes)
     figure.tight_layout()
-    try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            figure.savefig(f, format="png")
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)

@@ -8,7 +8,7 @@ matplotlib are imported only when their file is written.
 import numpy as np
 
 from metrics import RECALL_LEVELS
-from utils import atomic_path
+from utils import atomic_path, save_figure
 
 # The TCA paper's published mAP (Shao et al., "Temporal Context Aggregation for
 # Video Retrieval with Contrastive Learning", WACV 2021, arXiv:2008.01334v2):
@@ -138,8 +138,4 @@ def plot_pr_curves(path, evaluations, title):
     axes.grid(True, linestyle="dotted")
     axes.legend(fontsize="small", ncol=2)
     figure.tight_layout()
-    try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            figure.savefig(f, format="png")
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)
