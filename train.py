@@ -303,6 +303,8 @@ def validation_settings(args):
     except UserError as e:
         raise UserError(str(e).replace("--metric", "--val_metric", 1)) from None
     keys = tuple(benchmark.metric_keys) + tuple(getattr(benchmark, "DETECTION", ()))
+    if getattr(benchmark, "easy_duplicates", None) is not None:  # FIVR with S2VS's list: the "hard" keys too
+        keys += tuple(f"{k}_hard" for k in keys)
     key = args.val_key or benchmark.metric_keys[0]
     if key not in keys:
         raise UserError(f"--val_key {key}: {benchmark.name} reports {', '.join(keys)}")
