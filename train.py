@@ -327,11 +327,18 @@ def validate(encoder, benchmark, metrics, args, dist, device, verbose):
     return results, time.time() - start
 
 
-def save_best(model_path, encoder, args, epoch, results):
-    """model_best.pth: the best epoch's query encoder, self-describing as
-    model.pth (evaluation.py loads it by path), with its epoch and validation."""
+def keep_best(best, results, metric, key, dataset, epoch, encoder, args):
+    """The best validation so far ({"dataset", "metric", "key", "value",
+    "epoch"}, None before the first): if this epoch's results[metric][key]
+    beats it (ties keep the earlier epoch, NaN never wins), model_best.pth
+    becomes this epoch's query encoder, self-describing as model.pth
+    (evaluation.py loads it by path), with its epoch and validation."""
+    value = results[metric][key]
+    if not value > (best["value"] if best is not None else -math.inf):
+        return best
     utils.atomic_torch_save({"model": encoder.state_dict(), "model_args": model_args(args), "epoch": epoch,
-                             "val": results}, os.path.join(model_path, "model_best.pth"))
+                             "val": results}, os.path.join(args.model_path, "model_best.pth"))
+    return {"dataset": dataset, "metric": metric, "key": key, "value": value, "epoch": epoch}
 
 
 def train_one_epoch(model, loader, criterion, optimizer, epoch, args, dist, device, log):
@@ -463,7 +470,9 @@ def train(args):
     # a fresh run starts a new log; a resumed one drops what it trains again
     training_log = TrainingLog(args.model_path, run_start, last_epoch if args.resume else None,
                                args.tensorboard) if is_main else None
+
     # ---- training
+    validated = False  # the benchmark's coverage line (missing videos, ...) is printed once
     for epoch in range(start_epoch, args.epochs + 1):
         seed_everything(args.seed, epoch, dist.rank)
         sampler.set_epoch(epoch)
@@ -483,14 +492,11 @@ def train(args):
                       "seconds": seconds}
         if benchmark is not None and (epoch % args.val_every == 0 or epoch == args.epochs):
             results, val_seconds = validate(model.encoder_q, benchmark, val_metrics, args, dist, device,
-                                            verbose=is_main and epoch == start_epoch)
+                                            verbose=is_main and not validated)
+            validated = True
             if is_main:
                 record |= {"val": results, "val_seconds": val_seconds}
-                value = results[val_metrics[0]][val_key]
-                if best is None or value > best["value"]:  # NaN (no relevant video) is never best
-                    best = {"dataset": benchmark.name, "metric": val_metrics[0], "key": val_key, "value": value,
-                            "epoch": epoch}
-                    save_best(args.model_path, model.encoder_q, args, epoch, results)
+                best = keep_best(best, results, val_metrics[0], val_key, benchmark.name, epoch, model.encoder_q, args)
                 print(f"epoch {epoch}/{args.epochs} validation on {benchmark.name} ({val_seconds:.1f} s): "
                       + "; ".join(f"{m} " + " ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float))
                                   for m, r in results.items())
