@@ -43,11 +43,12 @@ def read_log(path):
     return [r for r in records if isinstance(r, dict)]
 
 
-def validation_scalars(record):
+def validation_scalars(record, keys_per_metric=None):
     """{"metric/key": value} of an epoch record's validation (nested values
-    such as EVVE's per-event mAPs left out)."""
+    such as EVVE's per-event mAPs left out); keys_per_metric: only the first
+    so many keys of each metric (the benchmark's main ones come first)."""
     return {f"{metric}/{key}": value for metric, values in record.get("val", {}).items()
-            for key, value in values.items() if isinstance(value, (int, float))}
+            for key, value in [(k, v) for k, v in values.items() if isinstance(v, (int, float))][:keys_per_metric]}
 
 
 class TrainingLog:
@@ -140,7 +141,8 @@ def plot_curves(records, path):
     axes[0, 0].legend(fontsize="small")
     validated = [r for r in epochs if "val" in r]
     ax = axes[1, 1]
-    for tag in dict.fromkeys(tag for r in validated for tag in validation_scalars(r)):
+    # a legend of 3 metrics x 6 FIVR keys would cover the plot: the first 3 keys (DSVR, CSVR, ISVR; TensorBoard has all)
+    for tag in dict.fromkeys(tag for r in validated for tag in validation_scalars(r, 3)):
         points = [(r["epoch"], validation_scalars(r)[tag]) for r in validated if tag in validation_scalars(r)]
         ax.plot(*zip(*points), marker="o", markersize=3, label=tag)
     ax.set(xlabel="epoch", ylabel="validation mAP")

@@ -473,6 +473,7 @@ def train(args):
 
     # ---- training
     validated = False  # the benchmark's coverage line (missing videos, ...) is printed once
+    shown = dict.fromkeys([*benchmark.metric_keys, val_key]) if benchmark else ()  # printed; log.jsonl has all
     for epoch in range(start_epoch, args.epochs + 1):
         seed_everything(args.seed, epoch, dist.rank)
         sampler.set_epoch(epoch)
@@ -498,8 +499,7 @@ def train(args):
                 record |= {"val": results, "val_seconds": val_seconds}
                 best = keep_best(best, results, val_metrics[0], val_key, benchmark.name, epoch, model.encoder_q, args)
                 print(f"epoch {epoch}/{args.epochs} validation on {benchmark.name} ({val_seconds:.1f} s): "
-                      + "; ".join(f"{m} " + " ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float))
-                                  for m, r in results.items())
+                      + "; ".join(f"{m} " + " ".join(f"{k} {r[k]:.4f}" for k in shown) for m, r in results.items())
                       + (f"; best {val_key} {best['value']:.4f} (epoch {best['epoch']})" if best else ""))
         if is_main:
             training_log.log(record)
