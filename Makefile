@@ -2,7 +2,8 @@
 # make test      install if needed, run the whole test suite
 # make demo      install if needed, run the whole pipeline on the mini benchmark
 # make bench     install if needed, measure speed, write BENCHMARKS.md
-.PHONY: install test demo bench clean-venv
+# make gpu-check on a GPU machine: the gpu tests (CUDA = CPU) and a timing of each stage, one table, < 5 min
+.PHONY: install test demo bench gpu-check clean-venv
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,6 +27,10 @@ demo: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) bench/run_bench.py --out BENCHMARKS.md --json bench/results.json
+
+# @: the script's own output only (one line where there is no GPU)
+gpu-check: $(INSTALLED)
+	@$(PY) bench/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

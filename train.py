@@ -10,10 +10,17 @@ against its positive and against the queue of negatives from earlier steps
 One process:          python train.py --annotation_path datasets/vcdb.pickle --feature_path F.hdf5 --model_path runs/tca
 Horovod, N workers:   horovodrun -np N -H localhost:N python train.py ...   (--use_adasum needs `horovodrun --mpi`)
 
+With --val_dataset, every --val_every epochs (and after the last) the query
+encoder is evaluated on a benchmark exactly as evaluation.py evaluates a
+model (retrieval.evaluate_model, sharded over the ranks), and the best epoch
+by --val_key is kept in model_best.pth.
+
 Writes into --model_path: model.pth ({"model": the query encoder's state dict,
 "model_args": its model.build_model arguments}, what evaluation.py loads with
-no architecture flag), checkpoint.pth (the same, plus everything --resume
-needs), args.json and log.jsonl (one JSON object per logged step and epoch).
+no architecture flag), model_best.pth (the same for the best validated epoch,
+with "epoch" and "val"), checkpoint.pth (the same, plus everything --resume
+needs), args.json, and what curves.py writes: log.jsonl (one JSON object per
+logged step and epoch, one run's story), TensorBoard event files and curves.png.
 """
 import argparse
 import json
@@ -29,8 +36,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+import retrieval
 import utils
-from data import DATASETS_DIR, VCDBPairDataset, collate_pairs
+from curves import TrainingLog, now_iso
+from data import DATASETS, DATASETS_DIR, VCDBPairDataset, collate_pairs, load_benchmark
 from model import AGGREGATORS, ARCHITECTURE_FLAGS, MoCo, build_model
 from utils import UserError
 
@@ -124,6 +133,29 @@ def get_args_parser():
                              "flag or --resume such a run is refused)")
     parser.add_argument("--seed", type=int, default=0,
                         help="Seed of initialisation, shuffling, negative sampling, cropping and dropout")
+    parser.add_argument("--tensorboard", action="store_true", default=True,
+                        help="Write TensorBoard event files of loss, learning rate, pairs/s and the validation "
+                             "keys into --model_path (rank 0): the default, the flag only says so")
+    parser.add_argument("--no_tensorboard", "--no-tensorboard", dest="tensorboard", action="store_false",
+                        help="No TensorBoard event files (curves.png is drawn from log.jsonl either way)")
+    # validation
+    parser.add_argument("--val_dataset", type=str, default=None,
+                        help=f"Evaluate the query encoder on this benchmark during training ({', '.join(DATASETS)}), "
+                             "as evaluation.py does, and keep the best epoch in model_best.pth (default: no validation)")
+    parser.add_argument("--val_feature_path", type=str, default=None,
+                        help="HDF5 frame features of the --val_dataset videos (needed with --val_dataset)")
+    parser.add_argument("--val_annotation_dir", type=str, default=DATASETS_DIR,
+                        help="Directory of the --val_dataset annotation file, as evaluation.py --annotation_dir "
+                             "(default: the repository's datasets/)")
+    parser.add_argument("--val_every", type=int, default=1, metavar="N",
+                        help="Validate every N epochs, and after the last one")
+    parser.add_argument("--val_metric", type=str, default="cosine",
+                        help="Similarity of the validation, as evaluation.py --metric: cosine (TCA_c), chamfer "
+                             "(TCA_f), symmetric_chamfer (TCA_sym), a comma-separated list or all; the first one "
+                             "chooses the best epoch")
+    parser.add_argument("--val_key", type=str, default=None,
+                        help="The first --val_metric's key that chooses model_best.pth, e.g. DSVR (FIVR), "
+                             "cc_web_star (CC_WEB_VIDEO), mAP (EVVE, VCDB) (default: the benchmark's first key)")
     return parser
 
 
@@ -206,15 +238,16 @@ def make_optimizer(model, args, dist, lr_scaler):
     return optimizer, scheduler
 
 
-def save_checkpoint(model_path, model, optimizer, scheduler, epoch, args, lr_scaler):
+def save_checkpoint(model_path, model, optimizer, scheduler, epoch, args, lr_scaler, run_start, best):
     """model.pth (the query encoder, self-describing) and checkpoint.pth
-    (everything --resume needs). model.pth first: a checkpoint never claims an
-    epoch the model file lacks."""
+    (everything --resume needs, with the run's start time and the best
+    validation so far). model.pth first: a checkpoint never claims an epoch
+    the model file lacks."""
     encoder = {"model": model.encoder_q.state_dict(), "model_args": model_args(args)}
     utils.atomic_torch_save(encoder, os.path.join(model_path, "model.pth"))
     utils.atomic_torch_save(encoder | {"moco": model.state_dict(), "optimizer": optimizer.state_dict(),
                                        "scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars(args),
-                                       "lr_scaler": lr_scaler},
+                                       "lr_scaler": lr_scaler, "run_start": run_start, "best": best},
                             os.path.join(model_path, "checkpoint.pth"))
 
 
@@ -223,7 +256,8 @@ RESUME_FLAGS = ("aggregator", "pca_components", "output_dim", "num_clusters", "n
 
 def restart_from_checkpoint(path, model, optimizer, scheduler, args, lr_scaler, device, verbose=True):
     """Load checkpoint.pth into the model, optimizer and schedule; returns the
-    epoch it ended. A run resumed on another number of ranks keeps its
+    epoch it ended, the run's start time and its best validation so far
+    (None for a checkpoint written before they were kept). A run resumed on another number of ranks keeps its
     schedule but has its learning rate rescaled to the new world size
     (lr_scaler: the new scale, see lr_scale), printed if verbose."""
     if not os.path.isfile(path):
@@ -250,7 +284,59 @@ def restart_from_checkpoint(path, model, optimizer, scheduler, args, lr_scaler, 
             group["initial_lr"] *= ratio
         if verbose:
             print(f"--resume: learning rate rescaled x{ratio:g} ({old_scaler} -> {lr_scaler} ranks' scale)")
-    return checkpoint["epoch"]
+    return checkpoint["epoch"], checkpoint.get("run_start"), checkpoint.get("best")
+
+
+# --------------------------------------------------------------------------
+# validation: the query encoder on a benchmark, as evaluation.py scores a model
+
+def validation_settings(args):
+    """The --val_dataset benchmark, the --val_metric list and the --val_key,
+    checked before training rather than after its first epoch."""
+    if args.val_feature_path is None:
+        raise UserError("--val_dataset needs --val_feature_path (the benchmark's HDF5 frame features)")
+    benchmark = load_benchmark(args.val_dataset, args.val_annotation_dir)
+    try:
+        metrics = retrieval.parse_metrics(args.val_metric)
+    except UserError as e:
+        raise UserError(str(e).replace("--metric", "--val_metric", 1)) from None
+    keys = tuple(benchmark.metric_keys) + tuple(getattr(benchmark, "DETECTION", ()))
+    if getattr(benchmark, "easy_duplicates", None) is not None:  # FIVR with S2VS's list: the "hard" keys too
+        keys += tuple(f"{k}_hard" for k in keys)
+    key = args.val_key or benchmark.metric_keys[0]
+    if key not in keys:
+        raise UserError(f"--val_key {key}: {benchmark.name} reports {', '.join(keys)}")
+    with utils.open_features(args.val_feature_path):
+        pass  # a missing or damaged file stops the run now
+    return benchmark, metrics, key
+
+
+def validate(encoder, benchmark, metrics, args, dist, device, verbose):
+    """{metric: {key: mAP}} of the query encoder on --val_dataset (on rank 0;
+    None on the others, which score their share of the database) and the
+    seconds it took. retrieval.evaluate_model is evaluation.py's own
+    computation: eval mode (no dropout), videos in chunks of --padding_size
+    frames, the encoder put back in train mode after. verbose: print the
+    benchmark's coverage line (missing videos, ...)."""
+    start = time.time()
+    results = retrieval.evaluate_model(encoder, benchmark, args.val_feature_path, metrics,
+                                       padding_size=args.padding_size, dist=dist, device=device,
+                                       log=print if verbose else lambda *a: None)
+    return results, time.time() - start
+
+
+def keep_best(best, results, metric, key, dataset, epoch, encoder, args):
+    """The best validation so far ({"dataset", "metric", "key", "value",
+    "epoch"}, None before the first): if this epoch's results[metric][key]
+    beats it (ties keep the earlier epoch, NaN never wins), model_best.pth
+    becomes this epoch's query encoder, self-describing as model.pth
+    (evaluation.py loads it by path), with its epoch and validation."""
+    value = results[metric][key]
+    if not value > (best["value"] if best is not None else -math.inf):
+        return best
+    utils.atomic_torch_save({"model": encoder.state_dict(), "model_args": model_args(args), "epoch": epoch,
+                             "val": results}, os.path.join(args.model_path, "model_best.pth"))
+    return {"dataset": dataset, "metric": metric, "key": key, "value": value, "epoch": epoch}
 
 
 def train_one_epoch(model, loader, criterion, optimizer, epoch, args, dist, device, log):
@@ -280,20 +366,40 @@ def train_one_epoch(model, loader, criterion, optimizer, epoch, args, dist, devi
         if dist.rank == 0 and step % args.print_freq == 0:
             pairs_per_s = window_steps * args.batch_sz * dist.size / (time.time() - window_start)
             progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs_per_s:.1f}")
-            log({"epoch": epoch, "step": step, "loss": loss.item(), "lr": lr, "pairs_per_s": pairs_per_s})
+            log({"epoch": epoch, "step": step, "global_step": (epoch - 1) * len(loader) + step,
+                 "loss": loss.item(), "lr": lr, "pairs_per_s": pairs_per_s})
             window_start, window_steps = time.time(), 0
     return total_loss / len(loader)
 
 
+# what a run writes into --model_path (curves.py adds TensorBoard's event files)
+OUTPUTS = ("model.pth", "model_best.pth", "checkpoint.pth", "args.json", "log.jsonl", "curves.png")
+
+
 def check_args(args, dist):
-    for flag in ("epochs", "batch_sz", "neg_num", "padding_size", "moco_k", "print_freq", "save_every"):
+    for flag in ("epochs", "batch_sz", "neg_num", "padding_size", "moco_k", "print_freq", "save_every", "val_every"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.use_adasum and dist.size > 1 and not dist.hvd.mpi_enabled():
         raise UserError("--use_adasum needs Horovod's MPI controller: run with `horovodrun --mpi ...`")
-    model_file = os.path.join(args.model_path, "model.pth")
+    if args.val_dataset is None and args.val_feature_path is not None:
+        raise UserError("--val_feature_path is used by validation only: add --val_dataset NAME")
+    utils.check_outputs_apart({"--model_path": args.model_path} |
+                              {f"--model_path ({name})": os.path.join(args.model_path, name) for name in OUTPUTS},
+                              {"--annotation_path": args.annotation_path, "--feature_path": args.feature_path,
+                               "--val_feature_path": args.val_feature_path})
+    model_file, checkpoint_file = (os.path.join(args.model_path, name) for name in ("model.pth", "checkpoint.pth"))
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --model_path, --overwrite replaces it: choose one")
+    # a run whose first checkpoint write failed (a full disk) left model.pth without checkpoint.pth
+    orphan = os.path.exists(model_file) and not os.path.exists(checkpoint_file)
+    if args.resume and orphan:
+        raise UserError(f"--resume: {model_file} exists but {checkpoint_file} does not (the run's first checkpoint "
+                        "was not written): nothing to resume, pass --overwrite to start that run afresh")
     if not args.resume and not args.overwrite and os.path.exists(model_file):
-        raise UserError(f"{model_file} exists: pass --resume to continue that run or --overwrite to replace it")
+        raise UserError(f"{model_file} exists without {checkpoint_file}: nothing to resume, pass --overwrite to "
+                        "start afresh" if orphan else
+                        f"{model_file} exists: pass --resume to continue that run or --overwrite to replace it")
     if dist.rank == 0:
         utils.check_writable(model_file)
 
@@ -304,6 +410,7 @@ def train(args):
     check_args(args, dist)
     device = utils.local_device(dist)
     is_main = dist.rank == 0
+    benchmark, val_metrics, val_key = validation_settings(args) if args.val_dataset else (None, None, None)
 
     # ---- data
     dataset = VCDBPairDataset(args.annotation_path, args.feature_path, padding_size=args.padding_size,
@@ -329,14 +436,24 @@ def train(args):
     optimizer, scheduler = make_optimizer(model, args, dist, lr_scaler)
 
     os.makedirs(args.model_path, exist_ok=True)
-    start_epoch = 1
+    start_epoch, run_start, best = 1, None, None
     if args.resume:
         checkpoint_path = os.path.join(args.model_path, "checkpoint.pth")
-        start_epoch = restart_from_checkpoint(checkpoint_path, model, optimizer, scheduler, args, lr_scaler,
-                                              device, verbose=is_main) + 1
+        last_epoch, run_start, best = restart_from_checkpoint(checkpoint_path, model, optimizer, scheduler, args,
+                                                              lr_scaler, device, verbose=is_main)
+        start_epoch = last_epoch + 1
         if is_main:
-            print(f"resuming {checkpoint_path} after epoch {start_epoch - 1} of {args.epochs}"
+            print(f"resuming {checkpoint_path} after epoch {last_epoch} of {args.epochs}"
                   + (": nothing left to train" if start_epoch > args.epochs else ""))
+        if best is not None and (best["dataset"], best["metric"], best["key"]) != (
+                getattr(benchmark, "name", None), val_metrics and val_metrics[0], val_key):
+            best = None  # chosen by another benchmark or key: the next validation starts over
+    elif is_main:
+        # a fresh run (or --overwrite): the folder's previous run, if any, is no longer resumable or best
+        for name in ("checkpoint.pth", "model_best.pth"):
+            if os.path.exists(os.path.join(args.model_path, name)):
+                os.remove(os.path.join(args.model_path, name))
+    run_start = run_start or now_iso()
     if dist.hvd:
         dist.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         # A fresh optimizer has the same (empty) state on every rank; Horovod would
@@ -348,19 +465,20 @@ def train(args):
     if is_main:
         with utils.atomic_path(os.path.join(args.model_path, "args.json")) as tmp, open(tmp, "w") as f:
             json.dump(vars(args) | {"world_size": dist.size}, f, indent=1)
-    log_file = open(os.path.join(args.model_path, "log.jsonl"), "a") if is_main else None
-
-    def log(record):
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+    # a fresh run starts a new log; a resumed one drops what it trains again
+    training_log = TrainingLog(args.model_path, run_start, last_epoch if args.resume else None,
+                               args.tensorboard) if is_main else None
 
     # ---- training
+    validated = False  # the benchmark's coverage line (missing videos, ...) is printed once
+    shown = dict.fromkeys([*benchmark.metric_keys, val_key]) if benchmark else ()  # printed; log.jsonl has all
     for epoch in range(start_epoch, args.epochs + 1):
         seed_everything(args.seed, epoch, dist.rank)
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         lr, epoch_start = optimizer.param_groups[0]["lr"], time.time()
-        epoch_loss = torch.tensor(train_one_epoch(model, loader, criterion, optimizer, epoch, args, dist, device, log))
+        epoch_loss = torch.tensor(train_one_epoch(model, loader, criterion, optimizer, epoch, args, dist, device,
+                                                  training_log and training_log.log))
         scheduler.step()
         if dist.hvd:  # mean loss over the ranks
             epoch_loss = dist.hvd.allreduce(epoch_loss, name="epoch_loss", op=dist.hvd.Average)
@@ -369,13 +487,30 @@ def train(args):
             pairs_per_s = len(loader) * args.batch_sz * dist.size / seconds
             print(f"epoch {epoch}/{args.epochs}: loss {epoch_loss.item():.4f}, lr {lr:.3g}, "
                   f"{pairs_per_s:.1f} pairs/s, {seconds:.1f} s")
-            log({"epoch": epoch, "loss": epoch_loss.item(), "lr": lr, "pairs_per_s": pairs_per_s,
-                 "seconds": seconds})
+            record = {"epoch": epoch, "loss": epoch_loss.item(), "lr": lr, "pairs_per_s": pairs_per_s,
+                      "seconds": seconds}
+        if benchmark is not None and (epoch % args.val_every == 0 or epoch == args.epochs):
+            results, val_seconds = validate(model.encoder_q, benchmark, val_metrics, args, dist, device,
+                                            verbose=is_main and not validated)
+            validated = True
+            if is_main:
+                record |= {"val": results, "val_seconds": val_seconds}
+                best = keep_best(best, results, val_metrics[0], val_key, benchmark.name, epoch, model.encoder_q, args)
+                print(f"epoch {epoch}/{args.epochs} validation on {benchmark.name} ({val_seconds:.1f} s): "
+                      + "; ".join(f"{m} " + " ".join(f"{k} {r[k]:.4f}" for k in shown) for m, r in results.items())
+                      + (f"; best {val_key} {best['value']:.4f} (epoch {best['epoch']})" if best else ""))
+        if is_main:
+            training_log.log(record)
             if epoch % args.save_every == 0 or epoch == args.epochs:
-                save_checkpoint(args.model_path, model, optimizer, scheduler, epoch, args, lr_scaler)
+                save_checkpoint(args.model_path, model, optimizer, scheduler, epoch, args, lr_scaler, run_start,
+                                best)
+            training_log.end_epoch()
     if is_main:
-        log_file.close()
-        print(f"saved {os.path.join(args.model_path, 'model.pth')}")
+        training_log.close()
+        print(f"saved {os.path.join(args.model_path, 'model.pth')}"
+              + (f" and model_best.pth (epoch {best['epoch']}, {val_key} {best['value']:.4f})" if best else "")
+              + f"; curves: {os.path.join(args.model_path, 'curves.png')}"
+              + (f", tensorboard --logdir {args.model_path}" if args.tensorboard else ""))
     return model
 
 

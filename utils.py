@@ -432,6 +432,17 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def save_figure(figure, path):
+    """Write a matplotlib figure as a PNG through atomic_path, then close it
+    (a figure left open keeps its memory for the process's lifetime)."""
+    import matplotlib.pyplot as plt
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            figure.savefig(f, format="png")
+    finally:
+        plt.close(figure)
+
+
 def atomic_torch_save(obj, path):
     """torch.save through atomic_path; torch's own write errors (a full disk
     reads "enforce fail at inline_container.cc ... unexpected pos") become

@@ -4,7 +4,8 @@
     2. pre-processing/extract_features.py  ResNet-50 iMAC frame features, per split (under horovodrun,
                                         one rank per GPU, where there are two or more GPUs)
     3. pre-processing/pca.py            PCA-whitening learned on the train split, applied to both
-    4. horovodrun -np 2 train.py        TCA trained on the train split's copy pairs
+    4. horovodrun -np 2 train.py        TCA trained on the train split's copy pairs, validated on the
+                                        eval split every epoch (curves.png, TensorBoard in model/)
     5. evaluation.py                    FIVR-style DSVR/CSVR/ISVR mAP of the untrained baseline
                                         (PCA features, mean / chamfer) and TCA_c, TCA_f, TCA_sym
 
@@ -215,10 +216,16 @@ def main():
              "--batch_sz", str(per_worker_batch), "--epochs", str(args.epochs),
              "--learning_rate", str(LEARNING_RATE / args.np),
              "--moco_k", "256", "--moco_m", "0", "--moco_t", "1.0", "--num_workers", "0",
-             "--print-freq", "10", "--save_every", str(args.epochs), "--seed", str(args.seed)]
+             "--print-freq", "10", "--save_every", str(args.epochs), "--seed", str(args.seed),
+             # validation curves on the demo's benchmark (it has no separate validation split, so the
+             # table below evaluates the last epoch's model.pth, not model_best.pth)
+             "--val_dataset", "FIVR-5K", "--val_annotation_dir", bench,
+             "--val_feature_path", os.path.join(feats, "eval_pca.h5")]
     if args.np > 1:
         train = horovodrun(args.np, py) + train
     step("train", train, os.path.join(model_dir, "model.pth"))
+    print(f"[demo] training curves: {os.path.join(model_dir, 'curves.png')}, or tensorboard --logdir {model_dir}",
+          flush=True)
 
     runs = [("baseline (mean of PCA frames)", ["--baseline", "--metric", "cosine"]),
             ("baseline (chamfer of PCA frames)", ["--baseline", "--metric", "chamfer"]),

@@ -94,3 +94,14 @@ def test_quick_run_reports_every_section(tmp_path, annotation_dir):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert again.read_text() == report
+
+
+def test_gpu_check_without_a_gpu_is_one_line():
+    """`make gpu-check` where CUDA is absent (hidden here): one line, no
+    traceback, exit 0 (-o: do not re-run the installer from the test)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(["make", "-o", ".venv/.installed", "gpu-check", f"PY={sys.executable}"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 0 and len(lines) == 1, lines
+    assert lines[0].startswith("gpu-check: no GPU is present")

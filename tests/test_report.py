@@ -1,12 +1,14 @@
 """report.py: the paper's rows beside the measured ones, per-query rows, the
 precision-recall CSV and plot, on the real FIVR annotation."""
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 import report
-from data import FIVR, Evaluation
+from data import CC_WEB_VIDEO, FIVR, Evaluation
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +58,28 @@ def test_per_query_rows_curves_and_files(annotation_dir, tmp_path):
     with Image.open(tmp_path / "pr.png") as image:
         assert image.format == "PNG" and image.size[0] > 100
         image.load()  # decodes
+
+
+@pytest.mark.parametrize("annotation_file", ["cc_web_video.pickle", "cc_web_video_tca.pickle"])
+def test_cc_web_video_paper_rows_under_a_complete_tca_run_for_both_annotation_files(annotation_dir, tmp_path,
+                                                                                     annotation_file):
+    # a folder holding only one of the two files: CC_WEB_VIDEO reads whichever is there
+    os.symlink(os.path.join(annotation_dir, annotation_file), tmp_path / annotation_file)
+    benchmark = CC_WEB_VIDEO(str(tmp_path))
+    measured = {"cc_web": 0.970, "cc_web_star": 0.950, "cc_web_c": 0.980, "cc_web_star_c": 0.960}
+    complete = Evaluation(measured, benchmark.queries, len(benchmark.database), {})
+    lines = report.results_table(benchmark, {"cosine": complete}, {"cosine": "TCA_c"}).splitlines()
+    assert lines[0].split() == ["metric", "cc_web", "cc_web*", "cc_web_c", "cc_web*_c"]
+    assert lines[2].split() == ["TCA_c", "(paper)", "0.9730", "0.9470", "0.9830", "0.9650"]
+    assert lines[3].split() == ["cosine", "-", "paper", "-0.0030", "0.0030", "-0.0030", "-0.0050"]
+    for metric, name, row in (("symmetric_chamfer", "TCA_sym", ["0.9820", "0.9620", "0.9920", "0.9810"]),
+                              ("chamfer", "TCA_f", ["0.9830", "0.9690", "0.9940", "0.9900"])):
+        lines = report.results_table(benchmark, {metric: complete}, {metric: name}).splitlines()
+        assert lines[2].split() == [name, "(paper)", *row]
+    # a run that left out database videos gets none
+    partial = complete._replace(num_database=len(benchmark.database) - 1)
+    assert "paper" not in report.results_table(benchmark, {"cosine": partial}, {"cosine": "TCA_c"})
+
+
+def test_evve_has_no_paper_row():
+    assert "EVVE" not in report.PAPER

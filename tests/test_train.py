@@ -77,14 +77,18 @@ def synthetic(tmp_path_factory):
 
 # Runs train.train() as `python train.py` does, then saves each rank's final
 # MoCo state to <model_path>/rank<r>.pth; with KILL_AFTER_EPOCH=k, rank 0 dies
-# (os._exit, as if killed) right after writing the checkpoint of epoch k.
+# (os._exit, as if killed) right after writing the checkpoint of epoch k, with
+# KILL_BEFORE_SAVE_EPOCH=k right before it (epoch k logged, not checkpointed).
 RUNNER = """
 import os, sys
 sys.path.insert(0, {repo!r})
 import torch, train, utils
 kill_after = int(os.environ.get("KILL_AFTER_EPOCH", "0"))
+kill_before = int(os.environ.get("KILL_BEFORE_SAVE_EPOCH", "0"))
 save_checkpoint = train.save_checkpoint
 def save_then_die(model_path, model, optimizer, scheduler, epoch, *rest):
+    if epoch == kill_before:
+        os._exit(137)
     save_checkpoint(model_path, model, optimizer, scheduler, epoch, *rest)
     if epoch == kill_after:
         os._exit(137)
@@ -338,6 +342,7 @@ def test_a_fresh_run_does_not_overwrite_a_finished_model(tmp_path, synthetic):
     model_path = tmp_path / "m"
     model_path.mkdir()
     (model_path / "model.pth").write_bytes(b"a finished model")
+    (model_path / "checkpoint.pth").write_bytes(b"its checkpoint")
     result = run(train_command(tmp_path, *synthetic, str(model_path)), check=False)
     assert result.returncode == 2 and "pass --resume to continue that run or --overwrite" in result.stderr
     assert (model_path / "model.pth").read_bytes() == b"a finished model" and not (model_path / "args.json").exists()
@@ -372,7 +377,8 @@ def test_loss_falls_on_a_learnable_task(tmp_path):
     epochs = [r for r in records if "step" not in r]
     steps = [r for r in records if "step" in r]
     assert [r["epoch"] for r in epochs] == list(range(1, 13))
-    assert all(r.keys() == {"epoch", "step", "loss", "lr", "pairs_per_s"} for r in steps)
+    assert all(r.keys() == {"epoch", "step", "global_step", "loss", "lr", "pairs_per_s", "run_start"} for r in steps)
+    assert [r["global_step"] for r in steps[:3]] == [2, 4, 6] and len({r["run_start"] for r in records}) == 1
     # cosine schedule from 1e-3 to 0, per epoch
     assert [r["lr"] for r in epochs] == pytest.approx([1e-3 * (1 + math.cos(math.pi * e / 12)) / 2
                                                        for e in range(12)])
@@ -396,12 +402,14 @@ def two_worker_run(tmp_path_factory, synthetic):
     tmp_path = tmp_path_factory.mktemp("hvd")
     model_path = str(tmp_path / "full")
     command = train_command(tmp_path, *synthetic, model_path, "--epochs", "4", "--num_workers", "1",
-                            "--fp16-allreduce", "--seed", "3", workers=2)
+                            "--fp16-allreduce", "--seed", "3", "--val_dataset", "FIVR-5K", "--val_feature_path",
+                            synthetic[1], "--val_annotation_dir", write_validation_benchmark(str(tmp_path)),
+                            "--val_every", "4", workers=2)
     return tmp_path, command, model_path, run(command, env={"HOROVOD_CACHE_CAPACITY": "20"})
 
 
 def test_two_horovod_workers_end_with_identical_weights(two_worker_run):
-    _, _, model_path, result = two_worker_run
+    _, command, model_path, result = two_worker_run
     rank0 = torch.load(os.path.join(model_path, "rank0.pth"), weights_only=True)
     rank1 = torch.load(os.path.join(model_path, "rank1.pth"), weights_only=True)
     assert_same_state(rank0, rank1)  # encoders, queue and queue pointer
@@ -415,6 +423,14 @@ def test_two_horovod_workers_end_with_identical_weights(two_worker_run):
     # rank 0 wrote model.pth from the same weights
     model = torch.load(os.path.join(model_path, "model.pth"), weights_only=True)["model"]
     assert_same_state(model, {k[len("encoder_q."):]: v for k, v in rank0.items() if k.startswith("encoder_q.")})
+    # the validation, sharded over the two ranks, measured what one evaluation.py process measures
+    validated = [r for r in epoch_records(model_path) if "val" in r]
+    assert [r["epoch"] for r in validated] == [4]
+    run([PYTHON, "evaluation.py", "--dataset", "FIVR-5K", "--annotation_dir", os.path.dirname(model_path),
+         "--feature_path", command[command.index("--feature_path") + 1], "--model_path",
+         os.path.join(model_path, "model.pth"), "--json_out", os.path.join(model_path, "eval.json")])
+    with open(os.path.join(model_path, "eval.json")) as f:
+        assert json.load(f) == pytest.approx(validated[0]["val"]["cosine"], abs=1e-6)
 
 
 def test_resume_after_kill_equals_uninterrupted_run(two_worker_run):
@@ -512,3 +528,153 @@ def test_a_damaged_feature_file_is_one_line(tmp_path, synthetic):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"error: {damaged}: damaged HDF5 file (")
+
+
+# --------------------------------------------------------------------------
+# validation, log.jsonl, TensorBoard and curves.png
+
+def write_validation_benchmark(directory, num_queries=6, num_database=12):
+    """A FIVR-5K-style fivr.pickle over the synthetic training videos: query
+    v{i}a has its pair's v{i}b as near duplicate among v*b and n* videos."""
+    queries = [f"v{i}a" for i in range(num_queries)]
+    database = [f"v{i}b" for i in range(num_database)] + [f"n{i}" for i in range(8)]
+    with open(os.path.join(directory, "fivr.pickle"), "wb") as f:
+        pickle.dump({"5k": {"queries": queries, "database": set(database)},
+                     "annotation": {q: {"ND": [q[:-1] + "b"]} for q in queries}}, f)
+    return directory
+
+
+def read_log(model_path):
+    with open(os.path.join(model_path, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def epoch_records(model_path):
+    return [r for r in read_log(model_path) if "step" not in r]
+
+
+def scalars(model_path):
+    """{tag: [(step, value)]} of the TensorBoard event files, read back with tensorboard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(model_path))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_validation_keeps_the_best_epoch_and_a_resumed_run_keeps_the_best(tmp_path, synthetic):
+    annotation_path, feature_path = synthetic
+    benchmark_dir = write_validation_benchmark(str(tmp_path))
+    model_path = tmp_path / "run"
+    command = train_command(tmp_path, annotation_path, feature_path, str(model_path), "--epochs", "3",
+                            "--val_dataset", "FIVR-5K", "--val_feature_path", feature_path, "--val_annotation_dir",
+                            benchmark_dir, "--val_every", "2", "--val_metric", "cosine,chamfer", "--val_key", "DSVR")
+    # killed after epoch 3 is logged and validated, before its checkpoint
+    assert run(command, env={"KILL_BEFORE_SAVE_EPOCH": "3"}, check=False).returncode != 0
+    records = epoch_records(model_path)
+    # validated every 2 epochs and after the last: epochs 2 and 3, both metrics, with their cost
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["epoch"] for r in records if "val" in r] == [2, 3]
+    for r in records[1:]:
+        assert r["val"].keys() == {"cosine", "chamfer"} and {"DSVR", "CSVR", "ISVR"} <= r["val"]["cosine"].keys()
+        assert r["val_seconds"] > 0
+    values = {r["epoch"]: r["val"]["cosine"]["DSVR"] for r in records[1:]}
+    best_epoch = max(values, key=lambda e: (values[e], -e))  # the first of equal values
+    best = torch.load(model_path / "model_best.pth", weights_only=True)
+    assert best["epoch"] == best_epoch and best["val"]["cosine"]["DSVR"] == values[best_epoch]
+    assert best["model_args"] == torch.load(model_path / "model.pth", weights_only=True)["model_args"]
+    checkpoint = torch.load(model_path / "checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["best"]["epoch"] == 2
+    if best_epoch == 2:  # model.pth is epoch 2's: the same weights
+        assert_same_state(best["model"], torch.load(model_path / "model.pth", weights_only=True)["model"])
+    # evaluation.py loads it by its path alone and measures what the validation logged
+    result = run([PYTHON, "evaluation.py", "--dataset", "FIVR-5K", "--annotation_dir", benchmark_dir,
+                  "--feature_path", feature_path, "--model_path", str(model_path / "model_best.pth"),
+                  "--padding_size", "300", "--json_out", str(tmp_path / "best.json")])
+    with open(tmp_path / "best.json") as f:
+        assert json.load(f)["DSVR"] == pytest.approx(values[best_epoch], abs=1e-6), result.stdout
+
+    # the best so far travels in checkpoint.pth: one no later epoch can beat is kept by --resume
+    checkpoint["best"] = dict(checkpoint["best"], value=2.0)
+    torch.save(checkpoint, model_path / "checkpoint.pth")
+    best_bytes = (model_path / "model_best.pth").read_bytes()
+    result = run(command + ["--resume"])
+    assert "best DSVR 2.0000 (epoch 2)" in result.stdout
+    assert (model_path / "model_best.pth").read_bytes() == best_bytes
+    assert torch.load(model_path / "checkpoint.pth", weights_only=True)["best"]["value"] == 2.0
+    # log.jsonl: each epoch once (epoch 3 dropped, then trained and validated again), one run's start time
+    log = read_log(model_path)
+    assert [r["epoch"] for r in log if "step" not in r] == [1, 2, 3]
+    assert [(r["epoch"], r["step"]) for r in log if "step" in r] == [(e, s) for e in (1, 2, 3) for s in (2, 4, 6, 8)]
+    assert len({r["run_start"] for r in log}) == 1
+    assert epoch_records(model_path)[2]["val"]["cosine"]["DSVR"] == pytest.approx(values[3], abs=1e-6)
+
+    # TensorBoard holds the log's scalars, once per step or epoch (rewritten on resume)
+    tb = scalars(model_path)
+    records = epoch_records(model_path)
+    assert [step for step, _ in tb["epoch/loss"]] == [1, 2, 3]
+    assert [v for _, v in tb["epoch/loss"]] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert [v for _, v in tb["epoch/lr"]] == pytest.approx([r["lr"] for r in records], rel=1e-6)
+    assert [v for _, v in tb["epoch/pairs_per_s"]] == pytest.approx([r["pairs_per_s"] for r in records], rel=1e-6)
+    assert tb["val/cosine/DSVR"] == [(e, pytest.approx(records[e - 1]["val"]["cosine"]["DSVR"], abs=1e-6))
+                                     for e in (2, 3)]
+    assert "val/chamfer/ISVR" in tb and [s for s, _ in tb["val/seconds"]] == [2, 3]
+    assert [s for s, _ in tb["step/loss"]] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24]  # 8 steps per epoch
+    # curves.png decodes
+    from PIL import Image
+    with Image.open(model_path / "curves.png") as image:
+        assert image.format == "PNG" and image.size[0] > 400
+        image.load()
+    assert "curves.png" in result.stdout and f"tensorboard --logdir {model_path}" in result.stdout
+
+
+def test_overwrite_and_a_fresh_run_start_a_new_log_without_tensorboard_files(tmp_path, synthetic):
+    model_path = tmp_path / "run"
+    run(train_command(tmp_path, *synthetic, str(model_path), "--epochs", "2"))
+    assert len(list(model_path.glob("events.out.tfevents.*"))) == 1
+    run(train_command(tmp_path, *synthetic, str(model_path), "--epochs", "1", "--overwrite", "--no_tensorboard"))
+    assert [r["epoch"] for r in epoch_records(model_path)] == [1]
+    assert not list(model_path.glob("events.out.tfevents.*"))  # the replaced run's curves went with it
+    # a fresh run into a folder holding only a log
+    for name in os.listdir(model_path):
+        if name != "log.jsonl":
+            os.remove(model_path / name)
+    run(train_command(tmp_path, *synthetic, str(model_path), "--epochs", "1"))
+    assert [r["epoch"] for r in epoch_records(model_path)] == [1]
+
+
+def test_a_folder_whose_first_checkpoint_failed_names_the_flag_that_works(tmp_path, synthetic):
+    model_path = tmp_path / "run"
+    model_path.mkdir()
+    torch.save({"model": {}, "model_args": {}}, model_path / "model.pth")  # then the disk filled up
+    for extra in ([], ["--resume"]):
+        result = run(train_command(tmp_path, *synthetic, str(model_path), *extra), check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "checkpoint.pth" in result.stderr and "pass --overwrite" in result.stderr, result.stderr
+    run(train_command(tmp_path, *synthetic, str(model_path), "--epochs", "1", "--overwrite"))
+    assert torch.load(model_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
+
+
+def test_an_output_over_an_input_is_refused(tmp_path, synthetic):
+    annotation_path, feature_path = synthetic
+    model_path = tmp_path / "run"
+    model_path.mkdir()
+    os.link(feature_path, model_path / "log.jsonl")  # a hard link to the features
+    before = open(feature_path, "rb").read()
+    result = run(train_command(tmp_path, annotation_path, feature_path, str(model_path)), check=False)
+    assert result.returncode == 2 and "would overwrite the input --feature_path" in result.stderr
+    result = run(train_command(tmp_path, annotation_path, feature_path, annotation_path), check=False)
+    assert result.returncode == 2 and "--model_path would overwrite the input --annotation_path" in result.stderr
+    assert open(feature_path, "rb").read() == before
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--val_feature_path", "f.h5"], "--val_feature_path is used by validation only: add --val_dataset"),
+    (["--val_dataset", "FIVR-5K"], "--val_dataset needs --val_feature_path"),
+    (["--val_dataset", "FIVR-5K", "--val_feature_path", "{features}", "--val_key", "mAP"],
+     "--val_key mAP: FIVR-5K reports DSVR, CSVR, ISVR"),
+    (["--val_dataset", "FIVR-5K", "--val_feature_path", "{features}", "--val_metric", "l2"], "--val_metric l2:"),
+])
+def test_validation_flags_are_checked_before_training(tmp_path, synthetic, flags, message):
+    flags = [f.format(features=synthetic[1]) for f in flags]
+    result = run(train_command(tmp_path, *synthetic, str(tmp_path / "run"), *flags), check=False)
+    assert result.returncode == 2 and message in result.stderr and "epoch 1" not in result.stdout, result.stderr
