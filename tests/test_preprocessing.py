@@ -275,7 +275,7 @@ class ChannelMeans(torch.nn.Module):
 def test_frames_batched_across_videos_keep_their_video():
     rng = np.random.default_rng(0)
     videos = [torch.from_numpy(rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)) for n in (5, 1, 7)]
-    # iterate_videos' pieces: each video's windows, then its end or its error (here after a window)
+    # video.video_items' pieces: each video's windows, then its end or its error (here after a window)
     items = [("a", "a.mp4", videos[0][:3], None), ("a", "a.mp4", videos[0][3:], None), ("a", "a.mp4", None, None),
              ("broken", "b.mp4", videos[1], None), ("broken", "b.mp4", None, "truncated"),
              ("c", "c.mp4", videos[1], None), ("c", "c.mp4", None, None),
