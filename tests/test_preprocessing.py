@@ -171,9 +171,9 @@ def test_features_shape_and_unit_norm_layer_blocks(extracted):
     features = extracted["features"]
     assert sorted(features) == sorted(video_id for video_id, _ in GOOD_VIDEOS)
     assert features["carphone_pristine"].shape == (4, 3840) and features["bikes"].shape == (10, 3840)
-    for video in features.values():
-        assert video.dtype == np.float32
-        for block in np.split(video, LAYER_BLOCKS, axis=1):
+    for video_features in features.values():
+        assert video_features.dtype == np.float32
+        for block in np.split(video_features, LAYER_BLOCKS, axis=1):
             np.testing.assert_allclose(np.linalg.norm(block, axis=1), 1.0, rtol=1e-5)
 
 
