@@ -53,15 +53,17 @@ def check_video_ids(ids, source):
     """Refuse, up front and in one line, ids HDF5 cannot store as given: an id
     is a path of groups, so `x` cannot sit beside `x/y`, and `.`, `a/./b`,
     `a/`, `a//b`, `./a` are not names (h5py normalises or rejects them, so a
-    re-run would never find them)."""
+    re-run would never find them); nor are names holding control characters."""
     ids = list(ids)
-    bad = [i for i in ids if any(part in ("", ".", "..") for part in i.split("/"))]
+    # control characters (a tab, a newline) would also break the failures file's `id<TAB>path` lines
+    bad = [i for i in ids if any(part in ("", ".", "..") for part in i.split("/")) or any(c < " " for c in i)]
     groups = {i[:k] for i in ids for k in range(len(i)) if i[k] == "/"}
     bad += [i for i in ids if i in groups]
     if bad:
         shown = ", ".join(repr(i) for i in sorted(set(bad))[:10]) + (", ..." if len(set(bad)) > 10 else "")
         raise UserError(f"{source}: video ids HDF5 cannot store: {shown} (an id is a '/'-separated path of "
-                        "non-empty names other than '.' and '..', and no id may be a folder of another)")
+                        "non-empty names other than '.' and '..', without control characters, and no id may be a folder "
+                        "of another)")
 
 
 # --------------------------------------------------------------------------
@@ -204,6 +206,24 @@ class OutputLock:
 # --------------------------------------------------------------------------
 # parts, scan and merge
 
+def write_dataset(h5file, name, array):
+    """Every dataset of an output or part carries HDF5's Fletcher-32 checksum
+    (per chunk), so that damaged data reads as an error, not as features.
+    Files written before without it still read."""
+    h5file.create_dataset(name, data=array, fletcher32=True)
+
+
+def _damaged(h5file, names):
+    """The first of `names` whose data cannot be read back (a checksum that
+    fails, a truncated file), or None."""
+    for name in names:
+        try:
+            h5file[name][()]
+        except OSError:
+            return name
+    return None
+
+
 def part_paths(output):
     """The finished part files of `output`, every rank's, in name order."""
     parts_dir = os.fspath(output) + ".parts"
@@ -228,7 +248,15 @@ def scan_output(output, settings):
     for path in ([output] if os.path.exists(output) else []) + part_paths(output):
         with open_features(path) as f:
             check_settings(path, read_settings(f), settings)
-            done.update(dataset_names(f))
+            names = dataset_names(f)
+            # a part is read whole here, so that merging never meets a damaged one
+            damaged = _damaged(f, names) if path != output else None
+        if damaged is not None:
+            print(f"{path}: the data of {damaged} fails its checksum: removed, its {len(names)} videos are "
+                  "done again", file=sys.stderr, flush=True)
+            os.remove(path)
+            continue
+        done.update(names)
     return done
 
 
@@ -271,7 +299,7 @@ class PartWriter:
             with h5py.File(image, "w") as f:
                 write_settings(f, self.settings)
                 for video_id, array in self._buffer.items():
-                    f.create_dataset(video_id, data=array)
+                    write_dataset(f, video_id, array)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 f.write(image.getbuffer())
             self.written.append(path)
@@ -299,7 +327,7 @@ def merge_parts(output, settings):
                 check_settings(source, read_settings(f), settings)
                 for name in dataset_names(f):
                     if name not in merged:  # a part already merged before a kill
-                        merged.create_dataset(name, data=f[name][()])
+                        write_dataset(merged, name, f[name][()])
     for part in parts:
         os.remove(part)
     os.rmdir(output + ".parts")
