@@ -271,8 +271,8 @@ def test_pca_apply_onto_its_input_is_refused(reference, pca_params):
     result = run_script("pca.py", "--apply", reference["output"], "--params", pca_params,
                         "--output", reference["output"], check=False)
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: --output {reference['output']} is the --apply input: write the "
-                                     "whitened features to another file")
+    assert result.stderr.strip() == (f"error: {reference['output']}: --output would overwrite the input --apply "
+                                     f"({reference['output']}); choose another output path")
 
 
 # --------------------------------------------------------------------------
