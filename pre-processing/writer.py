@@ -1,5 +1,6 @@
-"""Resumable HDF5 output for the pre-processing scripts (extraction and PCA
-alike, one ResumableH5Writer protocol): one dataset per video id, written so that killing the process at any moment loses at most the last
+"""Resumable HDF5 output for the pre-processing scripts, extraction and PCA
+alike (one protocol, ResumableH5Writer): one dataset per video id, written
+so that killing the process at any moment loses at most the last
 `checkpoint_every` seconds of work and never leaves a truncated dataset.
 
 HDF5 files are not crash-safe while open for writing, so finished videos are
@@ -45,15 +46,16 @@ PART_PATTERN = re.compile(r"part-[0-9a-f]{8}-\d{4}-\d{6}\.h5")
 def dataset_names(h5file):
     """Names of all datasets in an open HDF5 file, in file order. Video ids
     holding '/' (CC_WEB_VIDEO's '1/1_1_Y') are stored as nested groups.
-    One low-level visit of the objects (their type, no Python object each,
-    as visititems makes: 1.3 ms a dataset, against ~11 s for 10^6 here,
-    bench/NOTES.md), with a progress bar if it takes more than 2 s."""
+    One low-level visit that reads each object's type: 11 s for 10^6
+    datasets, where h5py's visititems, which makes a Python object of each,
+    took 66 s (bench/NOTES.md); a progress bar shows past 2 s."""
     names = []
-    with tqdm(desc=f"listing {h5file.filename}", unit=" objects", delay=2, leave=False) as bar:
+    with tqdm(desc=f"listing {h5file.filename}", unit=" datasets", delay=2, leave=False) as bar:
         def visit(name, info):
             if info.type == h5py.h5o.TYPE_DATASET:
                 names.append(name.decode())
-            bar.update()
+                if len(names) % 4096 == 0:
+                    bar.update(4096)
         h5py.h5o.visit(h5file.id, visit, info=True)
     return names
 
@@ -71,8 +73,8 @@ def check_video_ids(ids, source):
     if bad:
         shown = ", ".join(repr(i) for i in sorted(set(bad))[:10]) + (", ..." if len(set(bad)) > 10 else "")
         raise UserError(f"{source}: video ids HDF5 cannot store: {shown} (an id is a '/'-separated path of "
-                        "non-empty names other than '.' and '..', without control characters, and no id may be a folder "
-                        "of another)")
+                        "non-empty names other than '.' and '..', without control characters, and no id may be a "
+                        "folder of another)")
 
 
 # --------------------------------------------------------------------------
@@ -335,8 +337,14 @@ def merge_parts(output, settings):
             with open_features(source) as f:
                 check_settings(source, read_settings(f), settings)
                 for name in dataset_names(f):
-                    if name not in merged:  # a part already merged before a kill
-                        write_dataset(merged, name, f[name][()])
+                    if name in merged:  # a part already merged before a kill
+                        continue
+                    try:
+                        data = f[name][()]
+                    except OSError as e:  # the parts were read whole by the scan: the output itself is damaged
+                        raise UserError(f"{source}: video {name}: its data cannot be read ({e}); move {source} "
+                                        "away and run again to extract its videos anew (the parts are kept)") from None
+                    write_dataset(merged, name, data)
     for part in parts:
         os.remove(part)
     os.rmdir(output + ".parts")

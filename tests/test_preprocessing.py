@@ -422,6 +422,21 @@ def test_resumable_writer_merges_parts_and_output(tmp_path):
     assert sorted(read_h5(output)) == ["a", "b/c"] and not os.path.exists(str(output) + ".parts")
 
 
+def test_a_damaged_output_stops_the_merge_in_one_line_keeping_the_parts(tmp_path):
+    output = tmp_path / "out.h5"
+    with ResumableH5Writer(output) as writer:
+        writer.add("a", np.arange(4000, dtype=np.float32).reshape(10, 400))
+    with h5py.File(output, "r") as f:
+        offset = f["a"].id.get_chunk_info(0).byte_offset  # the data, under its Fletcher-32 checksum
+    data = bytearray(output.read_bytes())
+    data[offset + 100] ^= 0xFF
+    output.write_bytes(bytes(data))
+    with pytest.raises(pipeline.UserError, match=f"^{output}: video a: its data cannot be read .*; move {output} away"):
+        with ResumableH5Writer(output) as writer:
+            writer.add("b", np.zeros((2, 400), np.float32))
+    assert len(glob.glob(str(output) + ".parts/part-*.h5")) == 1 and not glob.glob(str(tmp_path / ".*.tmp"))
+
+
 # --------------------------------------------------------------------------
 # command lines
 
