@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import utils
 from data import DATASETS_DIR, VCDBPairDataset, collate_pairs
-from model import AGGREGATORS, MoCo, build_model
+from model import AGGREGATORS, ARCHITECTURE_FLAGS, MoCo, build_model
 from utils import UserError
 
 
@@ -174,9 +174,7 @@ def seed_everything(seed, epoch, rank):
 def model_args(args):
     """build_model's arguments for this run: what model.pth carries so that it
     describes itself (evaluation.py needs no architecture flag)."""
-    return {"aggregator": args.aggregator, "feature_size": args.pca_components, "num_layers": args.num_layers,
-            "num_clusters": args.num_clusters, "output_dim": args.output_dim,
-            "normalize_input": args.normalize_input, "dropout": args.dropout}
+    return {name: getattr(args, flag) for flag, name in ARCHITECTURE_FLAGS.items()} | {"dropout": args.dropout}
 
 
 def lr_scale(args, dist, device):
@@ -325,7 +323,7 @@ def train(args):
     seed_everything(args.seed, 0, 0)  # same initial weights everywhere (rank 0's are broadcast anyway)
     encoder = build_model(**model_args(args))
     model = MoCo(encoder, dim=encoder.output_dim, K=args.moco_k, m=args.moco_m, T=args.moco_t,
-                 gather=utils.all_gatherer(dist)).to(device)
+                 gather=utils.all_gatherer(dist, name="moco_keys")).to(device)
     criterion = LOSSES[args.loss]
     lr_scaler = lr_scale(args, dist, device)
     optimizer, scheduler = make_optimizer(model, args, dist, lr_scaler)

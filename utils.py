@@ -1,7 +1,9 @@
 """Helpers shared by every script: L2-normalisation, padding and masks, the
 length bucketing of videos, safe loading of annotation pickles, HDF5
-features, checkpoints and similarity files, atomic writes, the Horovod set-up
-and helpers that fall back to a single process, and the one-line error
+features (every HDF5 error one line: open_features) and checkpoints,
+atomic writes, the Horovod set-up and the distributed
+helpers that fall back to a single process (a rank's share of the work,
+gathering rows and objects, on rank 0, agree), and the one-line error
 reporting of the command-line tools.
 
 Each idea lives here once; model.py, data.py, train.py, evaluation.py and the
@@ -9,7 +11,6 @@ pre-processing scripts import it from here.
 """
 import collections
 import contextlib
-import json
 import math
 import os
 import pickle
@@ -209,20 +210,35 @@ def load_pickle(path):
 
 def load_torch_file(path, map_location="cpu"):
     """torch.load with `weights_only=True` (no code runs); a missing, empty,
-    truncated or foreign file is one UserError naming it."""
+    truncated or foreign file is one UserError naming it. A file the safe
+    loader refuses gets a line of our own: PyTorch's message advises turning
+    the safe loader off, the one thing to never do with a file that asks to
+    run code."""
+    import warnings
+
     import torch
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle's protocol warning, which repeats that advice
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # keep only PyTorch's diagnosis ("Unsupported operand 199", "unsupported GLOBAL posix.system ...")
+        detail = [line.strip() for line in str(e).splitlines() if line.strip() and not any(
+            word in line for word in ("weights_only", "Weights only", "torch.load", "Please file an issue"))]
+        reason = detail[0] if detail else "not plain tensors and data"
+        raise UserError(f"{path}: cannot load checkpoint: the safe loader refused it ({reason}); a damaged file, "
+                        "or one that asks to run code") from None
     except Exception as e:  # torch raises many kinds for a bad file
-        raise UserError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+        reason = str(e).splitlines()[0] if str(e).strip() else "empty or truncated"
+        raise UserError(f"{path}: cannot load checkpoint ({type(e).__name__}: {reason})") from None
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a model checkpoint with `weights_only=True`: returns (state_dict,
-    model_args). model_args is the dict of build_model arguments a
+    """Load a model checkpoint with `weights_only=True`, its floating-point
+    tensors checked finite: returns (state_dict, model_args). model_args is the dict of build_model arguments a
     self-describing checkpoint carries (train.py's {"model", "model_args"}),
     None for a bare state dict (upstream's) or one under 'state_dict' /
     'model_state_dict'. The 'module.' prefix of DataParallel/DDP
@@ -240,6 +256,11 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: checkpoint holds no state dict")
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    # one NaN weight (or a damaged byte that makes one 1e29) turns every embedding into NaN
+    bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"{path}: tensor {bad} holds non-finite weights (NaN or infinity): a damaged checkpoint "
+                        "or a diverged training run")
     return state_dict, model_args
 
 
@@ -249,14 +270,71 @@ def load_state_dict(path, map_location="cpu"):
 
 
 def open_features(path, mode="r"):
-    """Open an HDF5 feature file (one dataset per video id, (T, C) float)."""
+    """Open an HDF5 feature file (one dataset per video id, (T, C) float) as
+    a FeatureFile: every error of HDF5 on opening it, finding a video in it
+    or reading one is one UserError naming the file (and the video)."""
     path = os.fspath(path)
     if mode == "r" and not os.path.isfile(path):
         raise UserError(f"{path}: feature file not found")
     try:
-        return h5py.File(path, mode)
+        return FeatureFile(path, mode)
     except OSError as e:
         raise UserError(f"{path}: cannot open as HDF5 ({e})") from None
+
+
+@contextlib.contextmanager
+def hdf5_errors(path, video=None, lookup=False, checksummed=False):
+    """HDF5's errors inside the block (a damaged file: a broken symbol
+    table or object header, a Fletcher-32 checksum that does not match) as
+    one UserError naming the file, and the video being read (or looked up:
+    the damage is then the file's index, not that video's data). KeyError
+    stays KeyError where the object is simply absent."""
+    try:
+        yield
+    except (KeyError, OSError, RuntimeError) as e:
+        if isinstance(e, KeyError) and "doesn't exist" in str(e):
+            raise
+        reason = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+        if checksummed and "filter returned failure" in reason:
+            reason = "its Fletcher-32 checksum does not match: the data were damaged after writing"
+        if video is None:
+            raise UserError(f"{path}: damaged HDF5 file ({reason})") from None
+        if lookup:
+            raise UserError(f"{path}: damaged HDF5 file (looking up video {video}: {reason})") from None
+        raise UserError(f"{path}: video {video}: damaged HDF5 file ({reason})") from None
+
+
+class FeatureFile(h5py.File):
+    """h5py.File whose lookups (`in`, `[]`, visititems) and dataset reads go
+    through hdf5_errors: h5py reports a damaged file as a RuntimeError,
+    KeyError or OSError with no file name, deep inside whoever reads it."""
+
+    def __contains__(self, name):
+        with hdf5_errors(self.filename, name, lookup=True):
+            return super().__contains__(name)
+
+    def __getitem__(self, name):
+        with hdf5_errors(self.filename, name, lookup=True):
+            obj = super().__getitem__(name)
+        if isinstance(obj, h5py.Dataset):
+            return FeatureDataset(obj.id, self.filename, name, readonly=self.mode == "r")
+        return obj
+
+    def visititems(self, func):
+        with hdf5_errors(self.filename):
+            return super().visititems(func)
+
+
+class FeatureDataset(h5py.Dataset):
+    """An h5py.Dataset of a FeatureFile: its reads name the file and the video."""
+
+    def __init__(self, bind, path, video, readonly=False):
+        super().__init__(bind, readonly=readonly)
+        self._path, self._video = path, video
+
+    def __getitem__(self, *args, **kwargs):
+        with hdf5_errors(self._path, self._video, checksummed=self.fletcher32):
+            return super().__getitem__(*args, **kwargs)
 
 
 def read_features(features, key, path=None):
@@ -278,115 +356,6 @@ def check_finite(frames, path, key, frame_numbers=None):
         frame = row if frame_numbers is None else int(frame_numbers[row])
         raise UserError(f"{path}: video {key}: non-finite feature value at frame {frame}")
     return frames
-
-
-# --------------------------------------------------------------------------
-# similarity files: JSON {query: {video: score}} (the ViSiL / FIVR-200K
-# result format), or .npz / .h5 with `queries`, `database`, `similarities`
-
-def load_similarities(path):
-    """Read a similarity file. Returns (query ids, database ids, (Q, D) array);
-    entries a JSON file does not give are NaN."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: similarity file not found")
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        if ext == ".json":
-            queries, database, similarities = _similarities_from_json(path)
-            _check_scores(path, queries, database, similarities)
-            return queries, database, similarities
-        if ext == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                queries, database, similarities = f["queries"], f["database"], f["similarities"]
-        elif ext in (".h5", ".hdf5"):
-            with h5py.File(path, "r") as f:
-                queries, database, similarities = (f["queries"].asstr()[:], f["database"].asstr()[:],
-                                                   f["similarities"][:])
-        else:
-            raise UserError(f"{path}: unknown similarity file type {ext!r} (use .json, .npz, .h5)")
-    except KeyError as e:
-        raise UserError(f"{path}: missing {e} (expected 'queries', 'database', 'similarities')") from None
-    except UserError:
-        raise
-    except Exception as e:  # zip/HDF5/pickle errors of a damaged file come in many kinds
-        raise UserError(f"{path}: cannot read similarities ({type(e).__name__}: {e})") from None
-    if queries.ndim != 1 or database.ndim != 1:
-        raise UserError(f"{path}: 'queries' and 'database' must be 1-D lists of video ids")
-    queries, database = [str(q) for q in queries.tolist()], [str(v) for v in database.tolist()]
-    if similarities.shape != (len(queries), len(database)) or not np.issubdtype(similarities.dtype, np.floating):
-        raise UserError(f"{path}: 'similarities' must be a float array of shape "
-                        f"({len(queries)}, {len(database)}), got {similarities.dtype} {similarities.shape}")
-    _check_scores(path, queries, database, similarities)
-    return queries, database, similarities
-
-
-def _unique_keys(pairs):
-    """object_pairs_hook: a JSON object listing a key twice is an error, not
-    the silent last-one-wins of json.load."""
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise UserError(f"lists {duplicate!r} twice in one object")
-    return result
-
-
-def _similarities_from_json(path):
-    try:
-        with open(path) as f:
-            results = json.load(f, object_pairs_hook=_unique_keys)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
-    if not isinstance(results, dict) or not all(isinstance(r, dict) for r in results.values()):
-        raise UserError(f"{path}: expected a JSON object {{query: {{video: score}}}}")
-    # columns: the videos in order of first appearance (usually every query lists the same ones)
-    column_of, previous = {}, None
-    for res in results.values():
-        if previous is None or res.keys() != previous:
-            for video in res:
-                column_of.setdefault(video, len(column_of))
-        previous = res.keys()
-    similarities = np.full((len(results), len(column_of)), np.nan)
-    for i, (query, res) in enumerate(results.items()):
-        bad = next((v for v, s in res.items() if type(s) not in (int, float)), None)  # not bool, not "0.9"
-        if bad is not None:
-            raise UserError(f"{path}: query {query}, video {bad}: score {res[bad]!r} is not a number")
-        columns = np.fromiter(map(column_of.__getitem__, res), np.int64, len(res))
-        similarities[i, columns] = np.fromiter(res.values(), np.float64, len(res))
-    return list(results), list(column_of), similarities
-
-
-def _check_scores(path, queries, database, similarities):
-    """NaN means "not computed"; an infinite score, or a file with no score
-    at all, is an error naming the file (and the pair)."""
-    infinite = np.isinf(similarities)
-    if infinite.any():
-        i, j = np.argwhere(infinite)[0]
-        raise UserError(f"{path}: query {queries[i]}, video {database[j]}: score {similarities[i, j]} is not finite")
-    if similarities.size and np.isnan(similarities).all():
-        raise UserError(f"{path}: every score is NaN (not computed)")
-
-
-def save_similarities(path, queries, database, similarities):
-    """Write similarities as .npz, .h5/.hdf5 or .json (NaN entries left out of JSON)."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".npz", ".h5", ".hdf5", ".json"):
-        raise UserError(f"{path}: unknown similarity file type {ext!r} (use .json, .npz, .h5)")
-    with atomic_path(path) as tmp:
-        if ext == ".npz":
-            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
-                np.savez(f, queries=np.array(queries, dtype=str), database=np.array(database, dtype=str),
-                         similarities=similarities)
-        elif ext == ".json":
-            with open(tmp, "w") as f:
-                json.dump({q: {v: s for v, s in zip(database, row.tolist()) if s == s}  # s != s: NaN
-                           for q, row in zip(queries, similarities)}, f)
-        else:
-            with h5py.File(tmp, "w") as f:
-                f["queries"], f["database"] = np.array(queries, dtype=object), np.array(database, dtype=object)
-                f["similarities"] = similarities
 
 
 # --------------------------------------------------------------------------
@@ -529,10 +498,70 @@ def local_device(dist, requested=None):
     return device
 
 
-def all_gatherer(dist):
+def all_gatherer(dist, name):
     """A function concatenating a tensor from every rank along dim 0 (rank
-    order, no gradient through it), or None in a world of one."""
+    order, no gradient through it), or None in a world of one. The fixed
+    `name` lets Horovod's response cache reuse one entry: unnamed calls get a
+    new name each step, which fills the cache and makes every later step log
+    "A response has been evicted from cache"."""
     if dist.hvd is None or dist.size == 1:
         return None
     hvd = dist.hvd
-    return lambda tensor: hvd.allgather(tensor.detach().contiguous())
+    return lambda tensor: hvd.allgather(tensor.detach().contiguous(), name=name)
+
+
+def rank_share(work, rank, size):
+    """The positions (ascending) of the items of `work` (each item's cost:
+    frames, bytes) that rank `rank` of `size` takes: balanced_owners's share,
+    so the ranks finish together. Deterministic; every rank computes it alone."""
+    if size == 1:
+        return np.arange(len(work))
+    return np.flatnonzero(balanced_owners(work, size) == rank)
+
+
+def gather_rows(dist, positions, rows):
+    """Every rank's (positions (n_r,), {name: (n_r, ...) numpy rows})
+    concatenated in rank order, on every rank (Horovod allgather)."""
+    import torch
+    positions = dist.hvd.allgather(torch.from_numpy(positions.astype(np.int64)), name="positions").numpy()
+    gathered = {name: dist.hvd.allgather(torch.from_numpy(r), name=f"rows.{name}").numpy()
+                for name, r in rows.items()}
+    return positions, gathered
+
+
+def gather_objects(dist, value):
+    """[value of rank 0, value of rank 1, ...] (any picklable value) on every
+    rank; waits for all of them."""
+    return [value] if dist.size == 1 else dist.hvd.allgather_object(value)
+
+
+def _stop_every_rank(dist, message):
+    # rank 0 says it once; the others leave quietly with the same status
+    if dist.rank == 0:
+        raise UserError(message)
+    raise SystemExit(2)
+
+
+def on_rank0(dist, function):
+    """function() run on rank 0 only; its result, or its UserError, reaches
+    every rank (the others then exit 2 without a word)."""
+    if dist.size == 1:
+        return function()
+    result, error = None, None
+    if dist.rank == 0:
+        try:
+            result = function()
+        except UserError as e:
+            error = str(e)
+    result, error = dist.hvd.broadcast_object((result, error), root_rank=0)
+    if error is not None:
+        _stop_every_rank(dist, error)
+    return result
+
+
+def agree(dist, error):
+    """Every rank stops if any rank met an error (a message; None: none did):
+    rank 0 reports the first one."""
+    errors = [e for e in gather_objects(dist, error) if e is not None]
+    if errors:
+        _stop_every_rank(dist, errors[0])

@@ -390,12 +390,14 @@ def test_loss_falls_on_a_learnable_task(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_worker_run(tmp_path_factory, synthetic):
-    """An uninterrupted 2-worker run of 4 epochs (fp16 allreduce, DataLoader workers)."""
+    """An uninterrupted 2-worker run of 4 epochs (fp16 allreduce, DataLoader workers). Horovod's response
+    cache is cut to 20 entries, above the 13-16 fixed tensor names of this model's steps: one new name per
+    step (an unnamed allgather) would overflow it within the run's 16 steps and log evictions."""
     tmp_path = tmp_path_factory.mktemp("hvd")
     model_path = str(tmp_path / "full")
     command = train_command(tmp_path, *synthetic, model_path, "--epochs", "4", "--num_workers", "1",
                             "--fp16-allreduce", "--seed", "3", workers=2)
-    return tmp_path, command, model_path, run(command)
+    return tmp_path, command, model_path, run(command, env={"HOROVOD_CACHE_CAPACITY": "20"})
 
 
 def test_two_horovod_workers_end_with_identical_weights(two_worker_run):
@@ -406,6 +408,8 @@ def test_two_horovod_workers_end_with_identical_weights(two_worker_run):
     # 32 pairs over 2 ranks in batches of 4: 4 steps per epoch, 2 x 4 x 4 negatives per step
     assert int(rank0["queue_ptr"]) == (4 * 4 * 32) % 48
     assert "resuming" not in result.stdout and "epoch 4/4: loss" in result.stdout
+    # the demo's log showed "A response has been evicted from cache ..." on every step once the run was long
+    assert "evicted from cache" not in result.stdout + result.stderr
     with open(os.path.join(model_path, "args.json")) as f:
         assert json.load(f)["world_size"] == 2
     # rank 0 wrote model.pth from the same weights
@@ -490,3 +494,21 @@ def test_a_non_finite_feature_stops_training_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert re.fullmatch(rf"error: {re.escape(feature_path)}: video \w+: non-finite feature value at frame 0",
                         result.stderr.strip().splitlines()[-1])
+
+
+def test_a_damaged_feature_file_is_one_line(tmp_path, synthetic):
+    """A broken symbol table (the file's index of videos) is found while the
+    pairs are checked: one line naming the file, not h5py's RuntimeError."""
+    import shutil
+    annotation_path, feature_path = synthetic
+    damaged = tmp_path / "damaged.hdf5"
+    shutil.copy(feature_path, damaged)
+    data = bytearray(damaged.read_bytes())
+    at = data.find(b"SNOD")
+    data[at:at + 4] = b"\xff\xfe\xfd\xfc"
+    damaged.write_bytes(bytes(data))
+    command = train_command(tmp_path, annotation_path, str(damaged), str(tmp_path / "m"))
+    result = run([PYTHON, os.path.join(REPO, "train.py"), *command[2:]], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {damaged}: damaged HDF5 file (")
