@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import Distributed, UserError, atomic_path, open_features  # noqa: E402
+from utils import (Distributed, UserError, atomic_path, gather_objects, hdf5_errors, on_rank0,  # noqa: E402
+                   open_features)
 import sharding  # noqa: E402
 
 PART_PATTERN = re.compile(r"part-[0-9a-f]{8}-\d{4}-\d{6}\.h5")
@@ -56,7 +57,8 @@ def dataset_names(h5file):
                 names.append(name.decode())
                 if len(names) % 4096 == 0:
                     bar.update(4096)
-        h5py.h5o.visit(h5file.id, visit, info=True)
+        with hdf5_errors(h5file.filename):  # a damaged index: one line naming the file
+            h5py.h5o.visit(h5file.id, visit, info=True)
     return names
 
 
@@ -225,13 +227,13 @@ def write_dataset(h5file, name, array):
 
 
 def _damaged(h5file, names):
-    """The first of `names` whose data cannot be read back (a checksum that
-    fails, a truncated file), or None."""
+    """Why the data of the first of `names` that cannot be read back (a
+    Fletcher-32 checksum that fails, a truncated file) cannot, or None."""
     for name in names:
         try:
             h5file[name][()]
-        except OSError:
-            return name
+        except (OSError, UserError) as e:  # open_features' files say UserError, naming file and video
+            return str(e) if isinstance(e, UserError) else f"{h5file.filename}: video {name}: {e}"
     return None
 
 
@@ -263,8 +265,8 @@ def scan_output(output, settings):
             # a part is read whole here, so that merging never meets a damaged one
             damaged = _damaged(f, names) if path != output else None
         if damaged is not None:
-            print(f"{path}: the data of {damaged} fails its checksum: removed, its {len(names)} videos are "
-                  "done again", file=sys.stderr, flush=True)
+            print(f"{damaged}; the part is removed and its {len(names)} videos are extracted again", file=sys.stderr,
+                  flush=True)
             os.remove(path)
             continue
         done.update(names)
@@ -341,9 +343,10 @@ def merge_parts(output, settings):
                         continue
                     try:
                         data = f[name][()]
-                    except OSError as e:  # the parts were read whole by the scan: the output itself is damaged
-                        raise UserError(f"{source}: video {name}: its data cannot be read ({e}); move {source} "
-                                        "away and run again to extract its videos anew (the parts are kept)") from None
+                    except (OSError, UserError) as e:  # the scan read the parts whole: the output itself is damaged
+                        reason = str(e) if isinstance(e, UserError) else f"{source}: video {name}: {e}"
+                        raise UserError(f"{reason}; move {source} away and run again to extract its videos anew "
+                                        "(the parts are kept)") from None
                     write_dataset(merged, name, data)
     for part in parts:
         os.remove(part)
@@ -380,7 +383,7 @@ class ResumableH5Writer:
                 self._lock.release()
                 raise
 
-        holder, self.done, run, self.settings = sharding.on_rank0(self.dist, prepare)
+        holder, self.done, run, self.settings = on_rank0(self.dist, prepare)
         try:
             sharding.check_shared_directory(self.dist, self._lock.path, holder)
         except BaseException:
@@ -404,7 +407,7 @@ class ResumableH5Writer:
         picklable value), in rank order, to rank 0, and None to the others."""
         self._finished = True
         self.flush()
-        ranks = sharding.gather(self.dist, (self._parts.written, report))
+        ranks = gather_objects(self.dist, (self._parts.written, report))
         if self.dist.rank != 0:
             return None
         sharding.check_parts_visible([part for parts, _ in ranks for part in parts])

@@ -179,7 +179,8 @@ def test_a_part_whose_data_fails_its_checksum_is_extracted_again(reference, tmp_
         f.write(bytes([byte[0] ^ 0xFF]))
     result = run_script("extract_features.py", "--video_list", reference["list"], "--output", output, *EXTRACT_ARGS)
     assert [line for line in result.stderr.splitlines() if "checksum" in line] == [
-        f"{damaged}: the data of bikes fails its checksum: removed, its 2 videos are done again"]
+        f"{damaged}: video bikes: damaged HDF5 file (its Fletcher-32 checksum does not match: the data were "
+        "damaged after writing); the part is removed and its 2 videos are extracted again"]
     assert "1 already done, 4 to extract" in result.stdout
     assert_same_datasets(output, reference)
     with h5py.File(output, "r") as f:
