@@ -19,7 +19,7 @@ SCRIPTS = os.path.join(ROOT, "pre-processing")
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 
 import sharding  # noqa: E402  (pre-processing/ is on pytest.ini's pythonpath)
-from h5_writer import OutputLock, PartWriter, check_video_ids, dataset_names, read_settings  # noqa: E402
+from writer import OutputLock, PartWriter, check_video_ids, dataset_names, read_settings  # noqa: E402
 from utils import Distributed, UserError, read_features  # noqa: E402
 from test_preprocessing import run_script, write_list  # noqa: E402
 
@@ -155,6 +155,38 @@ def test_other_weights_on_a_finished_output_are_refused(reference, tmp_path):
     assert f"error: {reference['output']}: was made with --weights random:seed0, not sha256:" in result.stderr
 
 
+def test_a_part_whose_data_fails_its_checksum_is_extracted_again(reference, tmp_path):
+    """A killed run's parts, one written by an older version (no checksum),
+    one of this version's whose data a disk then damaged: the damaged part's
+    videos are extracted again, the rest kept, the file as one run's."""
+    output, parts = tmp_path / "imac.h5", tmp_path / "imac.h5.parts"
+    parts.mkdir()
+    with h5py.File(parts / "part-0000000a-0000-000001.h5", "w") as f:
+        f.attrs.update(reference["settings"])
+        f.create_dataset("carphone_pristine", data=reference["features"]["carphone_pristine"])
+    writer = PartWriter(output, reference["settings"], run="0000000b")
+    for video_id in ("bikes", "copies/bikes"):
+        writer.add(video_id, reference["features"][video_id])
+    writer.flush()
+    damaged = writer.written[0]
+    with h5py.File(damaged, "r") as f:
+        assert f["bikes"].fletcher32
+        offset = f["bikes"].id.get_chunk_info(0).byte_offset
+    with open(damaged, "r+b") as f:
+        f.seek(offset + 1000)
+        byte = f.read(1)
+        f.seek(offset + 1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    result = run_script("extract_features.py", "--video_list", reference["list"], "--output", output, *EXTRACT_ARGS)
+    assert [line for line in result.stderr.splitlines() if "checksum" in line] == [
+        f"{damaged}: video bikes: damaged HDF5 file (its Fletcher-32 checksum does not match: the data were "
+        "damaged after writing); the part is removed and its 2 videos are extracted again"]
+    assert "1 already done, 4 to extract" in result.stdout
+    assert_same_datasets(output, reference)
+    with h5py.File(output, "r") as f:
+        assert all(f[name].fletcher32 for name in dataset_names(f))
+
+
 # --------------------------------------------------------------------------
 # PCA while extracting, float16
 
@@ -204,12 +236,44 @@ def test_float16_round_trip(reference, pca_params, tmp_path):
     np.testing.assert_array_equal(pca16["carphone_distorted"], pca32["carphone_distorted"].astype(np.float16))
 
 
+def test_extract_in_memory_equals_what_the_scripts_write(reference, pca_params, tmp_path):
+    """pipeline.extract(), a search-style caller's way in, writes no file and
+    gives, bit for bit, what extract_features.py (+ pca.py --apply) stores,
+    with the settings extraction_settings() names."""
+    from cnn import RANDOM_WEIGHTS
+    from pipeline import extract, extraction_settings
+    run_script("pca.py", "--apply", reference["output"], "--params", pca_params, "--components", "8",
+               "--output", tmp_path / "applied.h5")
+    applied, applied_settings = read_h5(tmp_path / "applied.h5")
+    videos = VIDEOS[:2]
+    common = dict(fps=1.0, weights=RANDOM_WEIGHTS, device="cpu", batch_size=4, workers=1)
+    features = list(extract(videos, **common))
+    whitened = list(extract(videos, **common, pca_params=str(pca_params), components=8))
+    assert [video_id for video_id, _ in features] == [video_id for video_id, _ in videos]
+    for (video_id, imac), (_, pca) in zip(features, whitened):
+        assert imac.dtype == np.float32 and imac.shape == reference["features"][video_id].shape
+        np.testing.assert_array_equal(imac, reference["features"][video_id])
+        assert pca.shape == (len(imac), 8)
+        np.testing.assert_array_equal(pca, applied[video_id])
+    assert extraction_settings(fps=1.0, weights=RANDOM_WEIGHTS) == reference["settings"]
+    assert extraction_settings(fps=1.0, weights=RANDOM_WEIGHTS, pca_params=str(pca_params),
+                               components=8) == applied_settings
+    assert os.listdir(tmp_path) == ["applied.h5"]
+    # a video that cannot be decoded: one line naming it, or handed to on_error and skipped
+    missing = str(tmp_path / "missing.mp4")
+    with pytest.raises(UserError, match=f"^{missing}: file not found$"):
+        list(extract([missing], **common))
+    failed = []
+    assert list(extract([missing], **common, on_error=lambda *failure: failed.append(failure))) == []
+    assert failed == [(missing, missing, "file not found")]
+
+
 def test_pca_apply_onto_its_input_is_refused(reference, pca_params):
     result = run_script("pca.py", "--apply", reference["output"], "--params", pca_params,
                         "--output", reference["output"], check=False)
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: --output {reference['output']} is the --apply input: write the "
-                                     "whitened features to another file")
+    assert result.stderr.strip() == (f"error: {reference['output']}: --output would overwrite the input --apply "
+                                     f"({reference['output']}); choose another output path")
 
 
 # --------------------------------------------------------------------------
@@ -254,6 +318,18 @@ def test_video_ids_are_checked_before_any_work(tmp_path):
     assert result.stderr.strip().startswith(f"error: {videos}: video ids HDF5 cannot store: 'x' (")
 
 
+def test_video_ids_with_control_characters_are_refused_before_any_work(tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for name in ("good.npy", "tab\there.npy"):
+        np.save(frames / name, np.zeros((1, 256, 256, 3), np.uint8))
+    result = run_script("extract_features.py", "--frames_dir", frames, "--output", tmp_path / "imac.h5",
+                        *EXTRACT_ARGS, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().startswith(f"error: {frames}: video ids HDF5 cannot store: 'tab\\there' (")
+    assert "without control characters" in result.stderr and not (tmp_path / "imac.h5.lock").exists()
+
+
 # --------------------------------------------------------------------------
 # the failures file
 
@@ -283,21 +359,21 @@ def test_failures_never_overwrite_or_remove_a_file_this_program_did_not_write(tm
 # --bf16 auto
 
 def test_bf16_auto_is_on_with_amx_without_timing(tmp_path):
-    import extract_features
+    import cnn
     import torch
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n")
     # no model is run: AMX settles it
-    assert extract_features.bf16_is_faster(None, torch.device("cpu"), False, 8, 1, str(tmp_path / "cpuinfo")) \
+    assert cnn.bf16_is_faster(None, torch.device("cpu"), False, 8, 1, str(tmp_path / "cpuinfo")) \
         == (True, "the CPU has AMX")
 
 
 def test_bf16_auto_times_both_elsewhere(tmp_path):
-    import extract_features
+    import cnn
     import torch
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
-    model = extract_features.build_extractor("imac", random_weights=True)
+    model = cnn.build_extractor("imac", cnn.RANDOM_WEIGHTS)
     threads = torch.get_num_threads()
-    faster, why = extract_features.bf16_is_faster(model, torch.device("cpu"), False, 2, 1, str(tmp_path / "cpuinfo"))
+    faster, why = cnn.bf16_is_faster(model, torch.device("cpu"), False, 2, 1, str(tmp_path / "cpuinfo"))
     assert isinstance(faster, bool) and why.startswith("bf16 ") and "vs fp32" in why
     assert torch.get_num_threads() == threads
 
