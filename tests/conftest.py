@@ -10,6 +10,9 @@ import subprocess
 
 import pytest
 
+# the evaluation tests' mini FIVR-format benchmark and TCA checkpoint, shared by two test modules
+from evaluation_helpers import mini, tca_checkpoint  # noqa: F401 (fixtures)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ANNOTATION_DIR = os.environ.get("TCA_ANNOTATION_DIR") or os.path.join(REPO, "datasets")
 

@@ -1,11 +1,9 @@
 """evaluation.py: similarity files, the command line, model and baseline modes."""
 import json
 import os
-import pickle
 import re
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -15,47 +13,10 @@ import torch
 import evaluation
 from model import build_model
 from similarity import chamfer_similarity
+from evaluation_helpers import C, ROOT, evaluate_mini, fivr5k_case, run
 from utils import l2_normalize
-
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-
-
-def run(argv, capsys):
-    """Run evaluation.py's main in-process; returns (exit status, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["evaluation.py"] + [str(a) for a in argv]
-    try:
-        evaluation.run_main(evaluation.main)
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return status, out.out, out.err
-
-
 # --------------------------------------------------------------------------
 # precomputed similarities on the real FIVR-5K annotation
-
-def fivr5k_case(annotation_dir):
-    """Two FIVR-5K queries, a few database columns, a hand-worked mAP."""
-    with open(os.path.join(annotation_dir, "fivr.pickle"), "rb") as f:
-        fivr = pickle.load(f)
-    q1, q2 = fivr["5k"]["queries"][:2]
-    db = fivr["5k"]["database"]
-    rel = lambda q, labels: sorted(set(v for l in labels for v in fivr["annotation"][q].get(l, [])) & db)
-    annotated = {v for q in (q1, q2) for vs in fivr["annotation"][q].values() for v in vs}
-    negatives = sorted(db - annotated)[:3]
-    d1, d2 = rel(q1, ("ND", "DS"))[:2]
-    e1 = rel(q2, ("ND", "DS"))[0]
-    columns = [d1, negatives[0], d2, negatives[1], e1, negatives[2]]
-    sims = np.array([[0.9, 0.8, 0.7, 0.1, 0.0, 0.2],    # q1: d1 rank 1, d2 rank 3
-                     [0.1, 0.2, 0.0, 0.9, 0.8, 0.3]])   # q2: e1 rank 2
-    # DSVR: q1 (1 + 2/3) / 2, q2 1/2
-    expected_dsvr = ((1 + 2 / 3) / 2 + 1 / 2) / 2
-    return [q1, q2], columns, sims, expected_dsvr
-
 
 @pytest.mark.parametrize("ext", [".npz", ".json", ".h5"])
 def test_similarity_files_round_trip_and_json_out(annotation_dir, ext, tmp_path, capsys):
@@ -171,43 +132,6 @@ def test_unknown_ids_are_counted_and_ignored(annotation_dir, tmp_path, capsys):
 
 # --------------------------------------------------------------------------
 # model mode on a mini benchmark in FIVR format (what the demo builds)
-
-C = 16
-
-
-@pytest.fixture(scope="module")
-def mini(tmp_path_factory):
-    """fivr.pickle with 2 queries and 6 database videos, and their features:
-    a is a copy of q1, b a copy of q2 with its frames reversed, the rest noise."""
-    root = tmp_path_factory.mktemp("mini")
-    rng = np.random.default_rng(0)
-    lengths = {"q1": 23, "q2": 9, "a": 23, "b": 9, "n1": 31, "n2": 5, "n3": 17, "n4": 1}
-    videos = {v: rng.standard_normal((t, C)).astype(np.float32) for v, t in lengths.items()}
-    videos["a"] = videos["q1"].copy()
-    videos["b"] = videos["q2"][::-1].copy()
-    with h5py.File(root / "features.hdf5", "w") as f:
-        for v, x in videos.items():
-            f[v] = x
-        f["empty"] = np.zeros((0, C), np.float32)  # no frames: left out like a video without features
-    with open(root / "fivr.pickle", "wb") as f:
-        pickle.dump({"5k": {"queries": ["q1", "q2"],
-                            "database": {"a", "b", "n1", "n2", "n3", "n4", "absent", "empty"}},
-                     "annotation": {"q1": {"ND": ["a"]}, "q2": {"DS": ["b"], "IS": ["n3"]}}}, f)
-    return SimpleNamespace(root=root, videos=videos, database=["a", "b", "n1", "n2", "n3", "n4"])
-
-
-def evaluate_mini(mini, capsys, tmp_path, *extra):
-    status, out, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root,
-                            "--feature_path", mini.root / "features.hdf5", "--device", "cpu",
-                            "--save_similarities", tmp_path / "s.npz", "--json_out", tmp_path / "m.json", *extra],
-                           capsys)
-    assert status == 0, err
-    q, d, s = evaluation.load_similarities(str(tmp_path / "s.npz"))
-    assert q == ["q1", "q2"] and d == mini.database  # 'absent' and 'empty' are left out
-    assert "2 of 8 database videos have no features" in out
-    return s, json.loads((tmp_path / "m.json").read_text()), out
-
-
 def test_baseline_cosine_is_mean_of_frames(mini, capsys, tmp_path):
     s, metrics, out = evaluate_mini(mini, capsys, tmp_path, "--baseline")
     mean = lambda v: l2_normalize(mini.videos[v].astype(np.float64).mean(0))
@@ -224,18 +148,6 @@ def test_baseline_chamfer_is_chamfer_of_frames(mini, capsys, tmp_path):
     expected = [[(frames(q) @ frames(v).T).max(1).mean() for v in mini.database] for q in ("q1", "q2")]
     np.testing.assert_allclose(s, expected, atol=1e-5)
     assert metrics["DSVR"] == pytest.approx(1.0)
-
-
-@pytest.fixture(scope="module")
-def tca_checkpoint(tmp_path_factory):
-    """A self-describing model.pth, as train.py writes it."""
-    root = tmp_path_factory.mktemp("tca")
-    model_args = {"aggregator": "tca", "feature_size": C, "num_layers": 1, "num_clusters": 4, "output_dim": C,
-                  "normalize_input": False, "dropout": 0.0}
-    torch.manual_seed(0)
-    model = build_model(**model_args).eval()
-    torch.save({"model": model.state_dict(), "model_args": model_args}, root / "model.pth")
-    return root / "model.pth", model
 
 
 def test_tca_cosine_chunks_and_batches(mini, capsys, tmp_path, tca_checkpoint):
@@ -518,122 +430,3 @@ def test_evaluate_model_is_what_evaluation_py_computes(mini, capsys, tmp_path, t
     finally:
         model.eval()
     assert json.loads(json.dumps(results)) == metrics
-
-
-# --------------------------------------------------------------------------
-# issue 23: no output over an input, no silent NaN, damaged files in one line
-
-def _copy_of_mini(mini, tmp_path):
-    """The mini benchmark's annotation and features, copied: a test that
-    failed to refuse must not damage the module's files."""
-    import shutil
-    root = tmp_path / "in"
-    root.mkdir()
-    for name in ("fivr.pickle", "features.hdf5"):
-        shutil.copy(mini.root / name, root / name)
-    return root
-
-
-def test_an_output_that_is_an_input_is_refused_before_any_work(mini, capsys, tmp_path, tca_checkpoint,
-                                                               annotation_dir):
-    root = _copy_of_mini(mini, tmp_path)
-    features, annotation = root / "features.hdf5", root / "fivr.pickle"
-    model_path = tmp_path / "model.pth"
-    model_path.write_bytes(tca_checkpoint[0].read_bytes())
-    queries, columns, sims, _ = fivr5k_case(annotation_dir)
-    evaluation.save_similarities(str(tmp_path / "s.npz"), queries, columns, sims)
-    similarities = tmp_path / "s.npz"
-    os.symlink(features, tmp_path / "link.hdf5")
-    os.link(model_path, tmp_path / "hard.pth")
-    os.link(annotation, tmp_path / "hard.pickle")
-    os.symlink(similarities, tmp_path / "link.npz")
-    model_mode = ["--dataset", "FIVR-5K", "--annotation_dir", root, "--feature_path", features, "--device", "cpu"]
-    file_mode = ["--dataset", "FIVR-5K", "--annotation_dir", root, "--similarities", similarities]
-    cases = [  # (command line, the input it names)
-        (model_mode + ["--baseline", "--json_out", features], "--feature_path"),  # the same path
-        (model_mode + ["--baseline", "--per_query", tmp_path / "link.hdf5"], "--feature_path"),  # a symlink
-        (model_mode + ["--baseline", "--save_similarities", os.path.relpath(features)], "--feature_path"),
-        (model_mode + ["--model_path", model_path, "--results_csv", tmp_path / "hard.pth"], "--model_path"),  # hard link
-        (model_mode + ["--model_path", model_path, "--save_similarities", model_path], "--model_path"),
-        (file_mode + ["--pr_curve", tmp_path / "link.npz"], "--similarities"),
-        (file_mode + ["--plot", annotation], "--annotation_dir's fivr.pickle"),
-        (file_mode + ["--json_out", tmp_path / "hard.pickle"], "--annotation_dir's fivr.pickle"),
-    ]
-    before = {path: path.read_bytes() for path in (features, annotation, model_path, similarities)}
-    for argv, flag in cases:
-        status, out, err = run(argv, capsys)
-        assert status == 2 and err.count("\n") == 1 and f"would overwrite the input {flag}" in err, (argv, err)
-        assert "=====" not in out and "finding features" not in err
-        assert {path: path.read_bytes() for path in before} == before
-
-
-def test_a_checkpoint_with_a_nan_weight_is_one_line_naming_the_tensor(mini, capsys, tmp_path, tca_checkpoint):
-    saved = torch.load(tca_checkpoint[0], weights_only=True)
-    saved["model"]["transformer_encoder.layers.0.linear1.weight"][3, 5] = float("nan")
-    torch.save(saved, tmp_path / "nan.pth")
-    status, out, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root, "--feature_path",
-                            mini.root / "features.hdf5", "--model_path", tmp_path / "nan.pth", "--device", "cpu",
-                            "--json_out", tmp_path / "m.json"], capsys)
-    assert status == 2 and err.count("\n") == 1 and "=====" not in out
-    assert err.startswith(f"error: {tmp_path / 'nan.pth'}: tensor transformer_encoder.layers.0.linear1.weight "
-                          "holds non-finite weights")
-    assert not (tmp_path / "m.json").exists()
-
-
-def test_a_finite_frame_that_overflows_the_model_is_one_line_naming_the_video(mini, capsys, tmp_path,
-                                                                             tca_checkpoint):
-    """1e30 passes the features' finiteness check but makes TCA's attention
-    NaN: the video is named, never dropped from the ranking as "not computed"."""
-    with h5py.File(tmp_path / "f.hdf5", "w") as f:
-        for v, x in mini.videos.items():
-            f[v] = x
-        del f["n3"]
-        huge = mini.videos["n3"].copy()
-        huge[2] = 1e30
-        f["n3"] = huge
-    for metric in ("cosine", "chamfer"):
-        status, out, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root, "--feature_path",
-                                tmp_path / "f.hdf5", "--model_path", tca_checkpoint[0], "--device", "cpu",
-                                "--metric", metric, "--json_out", tmp_path / "m.json"], capsys)
-        assert status == 2 and err.count("error:") == 1 and "=====" not in out, err
-        assert err.splitlines()[-1].startswith(f"error: {tmp_path / 'f.hdf5'}: video n3: its embedding is not finite")
-        assert not (tmp_path / "m.json").exists()
-
-
-def test_nan_pairs_of_a_similarity_file_are_counted(annotation_dir, tmp_path, capsys):
-    queries, columns, sims, _ = fivr5k_case(annotation_dir)
-    sims[0, 1] = sims[1, 3] = np.nan
-    evaluation.save_similarities(str(tmp_path / "s.npz"), queries, columns, sims)
-    status, out, err = run(["--dataset", "FIVR-5K", "--annotation_dir", annotation_dir, "--similarities",
-                            tmp_path / "s.npz"], capsys)
-    assert status == 0, err
-    assert re.search(r"FIVR-5K: 2 of \d+ queries, 6 of \d+ database videos, 2 of 12 pairs not computed\n", out)
-
-
-def _damage_symbol_table(path):
-    """Overwrite the signature of the HDF5 file's first symbol table node
-    (the index of the root group's datasets)."""
-    data = bytearray(path.read_bytes())
-    at = data.find(b"SNOD")
-    assert at > 0
-    data[at:at + 4] = b"\xff\xfe\xfd\xfc"
-    path.write_bytes(bytes(data))
-
-
-def test_a_damaged_feature_file_is_one_line(mini, capsys, tmp_path):
-    root = _copy_of_mini(mini, tmp_path)
-    _damage_symbol_table(root / "features.hdf5")
-    status, out, err = run(["--dataset", "FIVR-5K", "--annotation_dir", root, "--feature_path",
-                            root / "features.hdf5", "--baseline", "--device", "cpu"], capsys)
-    assert status == 2 and err.count("error:") == 1 and "Traceback" not in err
-    assert err.splitlines()[-1].startswith(f"error: {root / 'features.hdf5'}: damaged HDF5 file (")
-    assert "bad symbol table node signature" in err
-
-
-def test_random_bytes_as_model_path_is_one_line_without_pytorchs_advice(mini, capsys, tmp_path):
-    (tmp_path / "model.pth").write_bytes(np.random.default_rng(0).bytes(4096))
-    status, _, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root, "--feature_path",
-                          mini.root / "features.hdf5", "--model_path", tmp_path / "model.pth", "--device", "cpu"],
-                         capsys)
-    assert status == 2 and err.count("\n") == 1 and "weights_only" not in err
-    assert err.startswith(f"error: {tmp_path / 'model.pth'}: cannot load checkpoint: the safe loader refused it")
