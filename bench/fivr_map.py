@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 
-import evaluation
 from bench.common import Target, fmt, interleaved, per_round, summary, table
 from data import DATASETS_DIR, FIVR, load_benchmark
+from utils import save_similarities
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"full": dict(queries=100, database=None, baseline_queries=4, repeats=3),
@@ -119,7 +119,7 @@ def run(size, annotation_dir, workdir):
     benchmark = load_benchmark("FIVR-200K", annotation_dir)
     queries, database, similarities = fivr_similarities(benchmark, size["queries"], size["database"])
     path = os.path.join(workdir, "sims.npz")
-    evaluation.save_similarities(path, queries, database, similarities)
+    save_similarities(path, queries, database, similarities)
     command = [sys.executable, "evaluation.py", "--dataset", "FIVR-200K", "--similarities", path,
                "--annotation_dir", annotation_dir]
     printed = {}

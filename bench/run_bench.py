@@ -10,7 +10,7 @@ against a baseline written there, on purpose naive, as the upstream code
 does the job; it holds its problem sizes (SIZES), the targets it is held to
 (TARGETS), run() and render():
   peak        fp32 matrix multiply, GFLOP/s: the yardstick of every other figure
-  tca         TCA_c video embeddings (model.TCA through evaluation.encode_videos)
+  tca         TCA_c video embeddings (model.TCA through retrieval.encode_videos)
               vs upstream's loop: batch size 1, every video padded to 300 frames
   chamfer     similarity.chamfer_similarity / symmetric_chamfer_similarity vs
               a per-pair loop (upstream's `chamfer`, one matrix product per pair)

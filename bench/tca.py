@@ -1,4 +1,4 @@
-"""TCA_c video embeddings: model.TCA through evaluation.encode_videos against
+"""TCA_c video embeddings: model.TCA through retrieval.encode_videos against
 upstream's evaluation loop (batch size 1, every video padded to 300 frames)."""
 import warnings
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import evaluation
+import retrieval
 from bench.common import Target, fmt, gflops_summary, interleaved, pct, per_round, random_lengths, random_videos, \
     rates_against_peak, summary, table, tca_flops
 from model import TCA
@@ -55,13 +55,13 @@ def upstream_encode_loop(model, videos, padding_size):
 
 
 def project_encode(model, videos, padding_size):
-    """evaluation.py's model mode: encode_videos batches videos of similar
+    """evaluation.py's model mode (retrieval.py): encode_videos batches videos of similar
     length (padding_size 0: whole videos; else chunks of that many frames)."""
     features = {str(i): v.numpy() for i, v in enumerate(videos)}
     lengths = np.array([len(v) for v in videos])
     out = torch.empty(len(videos), videos[0].shape[1])
-    for batch in evaluation.encode_videos(model, features, list(features), lengths, padding_size=padding_size,
-                                          desc="bench"):
+    for batch in retrieval.encode_videos(model, features, list(features), lengths, padding_size=padding_size,
+                                         desc="bench"):
         out[torch.as_tensor(batch.indices)] = batch.embeddings
     return out
 
@@ -107,13 +107,13 @@ def run(size, peak):
 
 def render(result, meta):
     c = result["config"]
-    default_chunks = evaluation.get_args_parser().get_default("padding_size")
+    default_chunks = retrieval.PADDING_SIZE
     lines = ["## TCA_c encoding\n",
              f"{c['videos']} videos of {c['min_frames']}–{c['max_frames']} frames (mean {c['mean_frames']:.0f}) "
              f"at {c['channels']}-d, 1-layer TCA, eval mode; {result['useful_gflop_per_video']:.2f} useful GFLOP per "
              f"video. Upstream-style loop: batch size 1, every video padded to {c['padding_size']} frames "
              f"({100 * result['upstream_padding_share']:.0f}% of its FLOPs are padding). Project: "
-             f"`evaluation.encode_videos` (videos sorted by length, batched up to {FRAMES_PER_BATCH:,} padded "
+             f"`retrieval.encode_videos` (videos sorted by length, batched up to {FRAMES_PER_BATCH:,} padded "
              "frames) with `model.TCA`; max |difference| of the embeddings vs upstream "
              f"{result['max_abs_diff_vs_upstream']:.1e}.\n"]
     contenders = (("upstream_loop", f"upstream loop (batch size 1, padded to {c['padding_size']})"),

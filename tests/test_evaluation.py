@@ -364,22 +364,6 @@ def test_features_of_the_wrong_size_are_one_line(tmp_path, mini, capsys, tca_che
     assert status == 2 and err.count("\n") == 1 and f"expected (frames, {C})" in err
 
 
-def test_encode_videos_batches_videos_of_similar_length():
-    """A batch never pads its shortest chunk beyond the length spread (attention
-    runs on the padded batch), and every video comes out once."""
-    lengths = np.random.default_rng(0).integers(1, 300, 100)
-    features = {str(i): np.ones((t, 4), np.float32) for i, t in enumerate(lengths)}
-    seen = []
-    for batch in evaluation.encode_videos(None, features, list(features), lengths, video_level=False,
-                                          frame_level=True, padding_size=0):
-        assert batch.embeddings is None
-        assert batch.num_frames.tolist() == lengths[batch.indices].tolist()
-        longest, shortest = lengths[batch.indices].max(), lengths[batch.indices].min()
-        assert longest <= evaluation.BATCH_LENGTH_SPREAD * shortest + evaluation.BATCH_LENGTH_SLACK
-        seen.extend(batch.indices.tolist())
-    assert sorted(seen) == list(range(len(lengths)))
-
-
 def test_a_non_finite_feature_is_refused_naming_video_and_frame(mini, capsys, tmp_path):
     with h5py.File(tmp_path / "f.hdf5", "w") as f:
         for v, x in mini.videos.items():
@@ -512,3 +496,25 @@ def test_similarity_path_imports_no_torch(tmp_path, annotation_dir):
     assert result.returncode == 0, result.stderr[-2000:]
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "import time:" in line]
     assert "numpy" in imported and not [m for m in imported if m.split(".")[0] == "torch"]
+
+
+def test_evaluate_model_is_what_evaluation_py_computes(mini, capsys, tmp_path, tca_checkpoint):
+    """train.py's validation calls retrieval.evaluate_model: the metrics of
+    evaluation.py's --json_out, to the bit, and the model's train mode is kept."""
+    from data import load_benchmark
+    import retrieval
+    path, model = tca_checkpoint
+    status, _, err = run(["--dataset", "FIVR-5K", "--annotation_dir", mini.root, "--feature_path",
+                          mini.root / "features.hdf5", "--model_path", path, "--padding_size", 10,
+                          "--metric", "cosine,chamfer", "--json_out", tmp_path / "m.json"], capsys)
+    assert status == 0, err
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    benchmark = load_benchmark("FIVR-5K", str(mini.root))
+    model.train()
+    try:
+        results = retrieval.evaluate_model(model, benchmark, str(mini.root / "features.hdf5"),
+                                           ["cosine", "chamfer"], padding_size=10, log=lambda *a: None)
+        assert model.training
+    finally:
+        model.eval()
+    assert json.loads(json.dumps(results)) == metrics
