@@ -33,7 +33,7 @@ import re
 
 import numpy as np
 
-from metrics import average_precision, micro_average_precision, rank_hits  # noqa: F401 (the measures' API)
+from metrics import rank_hits
 from utils import UserError, check_finite, load_pickle, open_features, pad_sequences
 
 # the annotation files ship in the repository's datasets/ (datasets/README.md); the scripts default to it
@@ -41,6 +41,9 @@ from utils import UserError, check_finite, load_pickle, open_features, pad_seque
 DATASETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets")
 DOWNLOAD_HINT = "the repository ships them in datasets/; python datasets/download.py re-fetches them (or pass --annotation_dir)"
 EASY_DUPLICATES = "fivr_easy_duplicates.txt"
+# every file a benchmark reads from its annotation directory (inputs no output may replace)
+ANNOTATION_FILES = ("fivr.pickle", "cc_web_video.pickle", "cc_web_video_tca.pickle", "evve.pickle", "vcdb.pickle",
+                    EASY_DUPLICATES)
 
 # The result of a run: `metrics` as --json_out writes them, the queries
 # evaluated, how many database videos had results, and for each mAP key the Task that the per-query rows and the
@@ -104,8 +107,11 @@ class Benchmark:
         queries = [q for q in self.queries if q in row_of]
         known = list(map(self._database_set.__contains__, database_ids))  # (D,) python loop, but a fast one
         in_database = np.fromiter(known, dtype=bool, count=len(known))
+        # NaN = not computed (a similarity file may leave pairs out): say how many of the evaluated pairs
+        missing = sum(np.count_nonzero(np.isnan(similarities[row_of[q]][in_database])) for q in queries)
         log(f"{self.name}: {len(queries)} of {len(self.queries)} queries, "
-            f"{np.count_nonzero(in_database)} of {len(self._database_set)} database videos")
+            f"{np.count_nonzero(in_database)} of {len(self._database_set)} database videos"
+            + (f", {missing} of {len(queries) * np.count_nonzero(in_database)} pairs not computed" if missing else ""))
         if len(queries) < len(self.queries):
             log(f"warning: {len(self.queries) - len(queries)} queries are missing from the results and are ignored")
         known_queries = set(self.queries)

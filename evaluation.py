@@ -36,11 +36,10 @@ import sys
 import numpy as np
 
 import report
-from data import DATASETS, DATASETS_DIR, load_benchmark
-from retrieval import (ARCHITECTURE_FLAGS, METRICS, PADDING_SIZE, evaluate_similarities, load_model, parse_metrics,
-                       score_benchmark)
-from utils import (FRAMES_PER_BATCH, UserError, atomic_path, check_writable, init_distributed, load_similarities,
-                   local_device, os_error_line, run_main, save_similarities)
+from data import ANNOTATION_FILES, DATASETS, DATASETS_DIR, load_benchmark
+from retrieval import METRICS, PADDING_SIZE, evaluate_similarities, load_model, parse_metrics, score_benchmark
+from utils import (FRAMES_PER_BATCH, UserError, atomic_path, check_outputs_apart, check_writable, init_distributed,
+                   load_similarities, local_device, os_error_line, run_main, save_similarities)
 
 # The model-mode work (features -> embeddings -> similarities) is retrieval.py's,
 # shared with training's validation, index.py and search.py. torch is imported
@@ -171,9 +170,17 @@ def main():
     elif args.save_similarities:
         raise UserError("--save_similarities writes a model's similarities; it needs model mode")
     metrics = parse_metrics(args.metric) if not args.similarities else ["precomputed"]
-    outputs = [similarity_path(args.save_similarities, m, metrics) for m in metrics if args.save_similarities]
-    for path in outputs + [p for p in (args.json_out, args.results_csv, args.pr_curve, args.plot, args.per_query) if p]:
-        check_writable(path)  # now, not after encoding the whole benchmark
+    outputs = {f"--{flag}": getattr(args, flag) for flag in ("json_out", "results_csv", "pr_curve", "plot", "per_query")}
+    for m in metrics if args.save_similarities else []:
+        outputs["--save_similarities" + (f" ({m})" if len(metrics) > 1 else "")] = similarity_path(
+            args.save_similarities, m, metrics)
+    inputs = {"--feature_path": args.feature_path, "--model_path": args.model_path, "--similarities": args.similarities,
+              "--model_path's args.json": args.model_path and os.path.join(os.path.dirname(args.model_path), "args.json")}
+    inputs.update({f"--annotation_dir's {name}": os.path.join(args.annotation_dir, name) for name in ANNOTATION_FILES})
+    check_outputs_apart(outputs, inputs)
+    for path in outputs.values():
+        if path:
+            check_writable(path)  # now, not after encoding the whole benchmark
 
     benchmark = load_benchmark(args.dataset, args.annotation_dir)
     benchmark.check_protocol(args.protocol)
@@ -187,6 +194,7 @@ def main():
         device = local_device(dist, args.device)
         model = None
         if not args.baseline:
+            from model import ARCHITECTURE_FLAGS
             flags = {flag: getattr(args, flag) for flag in ARCHITECTURE_FLAGS}
             model = load_model(args.model_path, flags, device)
         query_ids, database_ids, similarities, stats, evaluations = score_benchmark(

@@ -7,10 +7,9 @@ WACV 2021) and the similarity functions used to compare their embeddings.
 - NetVLAD, NeXtVLAD, LSTMModule, GRUModule: the other aggregators of the
   paper's comparison, with the upstream constructor arguments.
 - MoCo: query/key encoders and a queue of negatives (He et al., CVPR 2020).
-- VideoComparator: ViSiL's CNN over a frame-to-frame similarity matrix.
 - AGGREGATORS and build_model: the one factory that training and evaluation
   build their aggregator with (its keyword arguments are what a checkpoint
-  stores as "model_args").
+  stores as "model_args"); ARCHITECTURE_FLAGS: the command-line flag of each.
 
 The similarities that compare the outputs are in similarity.py.
 
@@ -22,8 +21,8 @@ Conventions: a batch of videos is `x` (N, C, T) -- channels before time, as
 upstream -- plus `num_frames` (N,) or (N, 1), the number of valid frames of
 each video (None: all T frames are valid); frames at t >= num_frames are
 padding and never influence the output. A `num_frames` larger than T counts
-as T (upstream's data loader passes the uncropped length). `forward` and
-`encode` also accept a list of (T_i, C) videos instead.
+as T (upstream's data loader passes the uncropped length). `forward` also
+accepts a list of (T_i, C) videos instead.
 """
 import copy
 import itertools
@@ -32,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import FRAMES_PER_BATCH, l2_normalize, length_buckets, make_frame_mask, pad_sequences
+from utils import l2_normalize, make_frame_mask, pad_sequences
 
 
 # --------------------------------------------------------------------------
@@ -91,27 +90,6 @@ def _concat_videos(module, videos):
     if not tensors:
         return param.new_zeros(0, module.feature_size), count
     return torch.cat(tensors).to(device=param.device, dtype=param.dtype), count
-
-
-def _encode_list(module, videos, crop=True):
-    """`module.encode` for a list of (T_i, C) videos (arrays or tensors).
-
-    Videos are sorted by length and padded in groups of similar length, which
-    wastes little compute on padding. Returns a list in input order: (T_i, C')
-    frame embeddings when `crop`, otherwise the per-video outputs as they are
-    (the VLADs' (num_clusters, C') descriptors).
-    """
-    param = next(module.parameters())
-    lengths = [len(v) for v in videos]
-    order = sorted(range(len(videos)), key=lengths.__getitem__)
-    out = [None] * len(videos)
-    for start, stop in length_buckets([lengths[i] for i in order], FRAMES_PER_BATCH):
-        group = order[start:stop]
-        padded, num_frames = pad_sequences([videos[i] for i in group], dtype=param.dtype, device=param.device)
-        encoded = module.encode(padded.transpose(1, 2), num_frames)  # (n, T, C') or (n, K, C')
-        for i, e in zip(group, encoded):
-            out[i] = e[:lengths[i]] if crop else e
-    return out
 
 
 # --------------------------------------------------------------------------
@@ -203,11 +181,9 @@ class TCA(nn.Module):
         return l2_normalize(summed / count.clamp(min=1).unsqueeze(1).to(summed.dtype))  # (N, C)
 
     def encode(self, x, num_frames=None):
-        """Frame embeddings, L2-normalised per frame: (N, T, C) for x (N, C, T),
-        with padded frames zero; a list of (T_i, C) for a list of (T_i, C).
-        With pooling='netvlad' too these are the Transformer's frame outputs."""
-        if isinstance(x, (list, tuple)):
-            return _encode_list(self, x)
+        """Frame embeddings (N, T, C) of x (N, C, T), L2-normalised per frame,
+        padded frames zero. With pooling='netvlad' too these are the
+        Transformer's frame outputs."""
         frames, _ = self.frame_features(x, num_frames)
         return l2_normalize(frames)  # zero frames stay zero
 
@@ -249,15 +225,51 @@ def _self_attention(attn, tokens, num_frames, training):
 # --------------------------------------------------------------------------
 # NetVLAD and NeXtVLAD
 
-class NetVLAD(nn.Module):
+class _VLAD(nn.Module):
+    """What NetVLAD and NeXtVLAD share: given their `residuals(x, num_frames)`
+    (N, num_clusters, D), forward is the gated head's (N, output_dim)
+    L2-normalised video embedding and encode the residuals themselves
+    (upstream's frame-level output of these models)."""
+    encodes_frames = False  # encode gives one descriptor per cluster, not per frame
+
+    def _add_gated_head(self, vlad_size, output_dim, drop_rate, gating_reduction):
+        """The head modules, under upstream's names: BN, dropout, fc1 + BN,
+        context gating (fc2, BN, fc3)."""
+        self.bn2 = nn.BatchNorm1d(vlad_size)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc1 = nn.Linear(vlad_size, output_dim)
+        self.bn3 = nn.BatchNorm1d(output_dim)
+        self.fc2 = nn.Linear(output_dim, output_dim // gating_reduction)
+        self.bn4 = nn.BatchNorm1d(output_dim // gating_reduction)
+        self.fc3 = nn.Linear(output_dim // gating_reduction, output_dim)
+
+    def _gated_embedding(self, vlad):
+        """The head on vlad (N, K * D): BN, dropout, fc + BN, context gating, L2 norm."""
+        activation = self.bn3(self.fc1(self.drop(self.bn2(vlad))))  # (N, output_dim)
+        gates = torch.sigmoid(self.fc3(F.relu(self.bn4(self.fc2(activation)))))  # (N, output_dim)
+        return l2_normalize(activation * gates)
+
+    def forward(self, x, num_frames=None):
+        if isinstance(x, (list, tuple)):
+            x, num_frames = _pad_videos(self, x)
+        return self._gated_embedding(self.residuals(x, num_frames).flatten(1))
+
+    def encode(self, x, num_frames=None):
+        return self.residuals(x, num_frames)
+
+    def forward_and_encode(self, x, num_frames=None):
+        """(forward, encode) of x (N, C, T) from one computation of the residuals."""
+        vlad = self.residuals(x, num_frames)
+        return self._gated_embedding(vlad.flatten(1)), vlad
+
+
+class NetVLAD(_VLAD):
     """NetVLAD pooling (Arandjelovic et al., CVPR 2016) with context gating
     (Miech et al., 2017), as in upstream.
 
     forward: (N, output_dim) L2-normalised video embedding.
-    encode: (N, num_clusters, feature_size) intra-normalised VLAD residuals
-        (upstream's frame-level output of this model).
+    encode: (N, num_clusters, feature_size) intra-normalised VLAD residuals.
     """
-    encodes_frames = False  # encode gives one descriptor per cluster, not per frame
 
     def __init__(self, feature_size, num_clusters=256, output_dim=1024, normalize_input=True, alpha=1.0,
                  drop_rate=0.5, gating_reduction=8):
@@ -271,7 +283,7 @@ class NetVLAD(nn.Module):
         self.bn1 = nn.BatchNorm1d(feature_size)
         self.conv = nn.Conv1d(feature_size, num_clusters, kernel_size=1, bias=True)  # soft-assignment
         self.centroids = nn.Parameter(torch.rand(num_clusters, feature_size))
-        _add_gated_head(self, feature_size * num_clusters, output_dim, drop_rate, gating_reduction)
+        self._add_gated_head(feature_size * num_clusters, output_dim, drop_rate, gating_reduction)
         # initialise the assignment from the centroids, as upstream does
         # (its bias uses the centroid norm, not the squared norm of the paper)
         with torch.no_grad():
@@ -291,52 +303,14 @@ class NetVLAD(nn.Module):
         vlad = vlad - self.centroids * soft_assign.sum(-1, keepdim=True)
         return l2_normalize(vlad, dim=2)
 
-    def forward(self, x, num_frames=None):
-        if isinstance(x, (list, tuple)):
-            x, num_frames = _pad_videos(self, x)
-        vlad = self.residuals(x, num_frames).flatten(1)  # (N, K * C)
-        return _gated_embedding(self, vlad)
 
-    def encode(self, x, num_frames=None):
-        if isinstance(x, (list, tuple)):
-            return _encode_list(self, x, crop=False)
-        return self.residuals(x, num_frames)
-
-    def forward_and_encode(self, x, num_frames=None):
-        """(forward, encode) of x (N, C, T) from one computation of the residuals."""
-        vlad = self.residuals(x, num_frames)
-        return _gated_embedding(self, vlad.flatten(1)), vlad
-
-
-def _add_gated_head(m, vlad_size, output_dim, drop_rate, gating_reduction):
-    """The VLADs' head modules, under upstream's names: BN, dropout, fc1 + BN,
-    context gating (fc2, BN, fc3)."""
-    m.bn2 = nn.BatchNorm1d(vlad_size)
-    m.drop = nn.Dropout(drop_rate)
-    m.fc1 = nn.Linear(vlad_size, output_dim)
-    m.bn3 = nn.BatchNorm1d(output_dim)
-    m.fc2 = nn.Linear(output_dim, output_dim // gating_reduction)
-    m.bn4 = nn.BatchNorm1d(output_dim // gating_reduction)
-    m.fc3 = nn.Linear(output_dim // gating_reduction, output_dim)
-
-
-def _gated_embedding(vlad_module, vlad):
-    """The VLADs' head: BN, dropout, fc + BN, context gating, L2 norm."""
-    m = vlad_module
-    activation = m.bn3(m.fc1(m.drop(m.bn2(vlad))))  # (N, output_dim)
-    gates = torch.sigmoid(m.fc3(F.relu(m.bn4(m.fc2(activation)))))  # (N, output_dim)
-    return l2_normalize(activation * gates)
-
-
-class NeXtVLAD(nn.Module):
+class NeXtVLAD(_VLAD):
     """NeXtVLAD pooling (Lin et al., 2018) with context gating, as in upstream.
 
     The grouping follows upstream's reshapes exactly (channel f * groups + g of
     the expanded features belongs to group g), so its checkpoints give the
     same outputs. forward/encode as NetVLAD.
     """
-    encodes_frames = False
-
     def __init__(self, feature_size, num_clusters=64, output_dim=1024, normalize_input=True, expansion=2,
                  groups=8, drop_rate=0.5, gating_reduction=8):
         super().__init__()
@@ -353,7 +327,7 @@ class NeXtVLAD(nn.Module):
         self.conv3 = nn.Conv1d(feature_size * expansion, num_clusters * groups, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm1d(num_clusters * groups)
         self.centroids = nn.Parameter(torch.rand(num_clusters, group_size))
-        _add_gated_head(self, group_size * num_clusters, output_dim, drop_rate, gating_reduction)
+        self._add_gated_head(group_size * num_clusters, output_dim, drop_rate, gating_reduction)
 
     def residuals(self, x, num_frames):
         """Intra-normalised VLAD (N, num_clusters, feature_size * expansion // groups)."""
@@ -372,21 +346,6 @@ class NeXtVLAD(nn.Module):
         vlad = torch.bmm(activation, group_features.transpose(1, 2))  # (N, K, C*E/G)
         vlad = vlad - self.centroids * activation.sum(-1, keepdim=True)
         return l2_normalize(vlad, dim=2)
-
-    def forward(self, x, num_frames=None):
-        if isinstance(x, (list, tuple)):
-            x, num_frames = _pad_videos(self, x)
-        return _gated_embedding(self, self.residuals(x, num_frames).flatten(1))
-
-    def encode(self, x, num_frames=None):
-        if isinstance(x, (list, tuple)):
-            return _encode_list(self, x, crop=False)
-        return self.residuals(x, num_frames)
-
-    def forward_and_encode(self, x, num_frames=None):
-        """(forward, encode) of x (N, C, T) from one computation of the residuals."""
-        vlad = self.residuals(x, num_frames)
-        return _gated_embedding(self, vlad.flatten(1)), vlad
 
 
 # --------------------------------------------------------------------------
@@ -428,8 +387,6 @@ class _RecurrentModule(nn.Module):
         return l2_normalize(_masked_mean(*self.frame_features(x, num_frames)))  # (N, nhid)
 
     def encode(self, x, num_frames=None):
-        if isinstance(x, (list, tuple)):
-            return _encode_list(self, x)
         return l2_normalize(self.frame_features(x, num_frames)[0])  # (N, T, nhid)
 
     def forward_and_encode(self, x, num_frames=None):
@@ -521,39 +478,16 @@ class MoCo(nn.Module):
 
 
 # --------------------------------------------------------------------------
-# ViSiL's video comparator
-
-class VideoComparator(nn.Module):
-    """ViSiL's CNN (Kordopatis-Zilos et al., ICCV 2019) that refines a
-    frame-to-frame similarity matrix (m, n) into a (~m/4, ~n/4) one, with
-    upstream's output mapping clamp(s, -1, 1) / 2 + 0.5. Parameter names
-    (conv1, conv2, conv3, fconv) match upstream and the PyTorch ViSiL."""
-
-    def __init__(self):
-        super().__init__()
-        self.pad = nn.ReplicationPad2d(1)
-        self.conv1 = nn.Conv2d(1, 32, (3, 3))
-        self.mpool1 = nn.MaxPool2d((2, 2), 2)
-        self.conv2 = nn.Conv2d(32, 64, (3, 3))
-        self.mpool2 = nn.MaxPool2d((2, 2), 2)
-        self.conv3 = nn.Conv2d(64, 128, (3, 3))
-        self.fconv = nn.Conv2d(128, 1, (1, 1))
-
-    def forward(self, sim_matrix):
-        """sim_matrix (m, n) or (B, m, n) -> (m', n') or (B, m', n')."""
-        batch_shape = sim_matrix.shape[:-2]
-        sim = sim_matrix.reshape(-1, 1, *sim_matrix.shape[-2:])  # (B, 1, m, n)
-        sim = self.mpool1(F.relu(self.conv1(self.pad(sim))))
-        sim = self.mpool2(F.relu(self.conv2(self.pad(sim))))
-        sim = self.fconv(F.relu(self.conv3(self.pad(sim))))
-        sim = torch.clamp(sim, -1.0, 1.0) / 2.0 + 0.5
-        return sim.reshape(*batch_shape, *sim.shape[-2:])
-
-
-# --------------------------------------------------------------------------
 # the factory training and evaluation share
 
 AGGREGATORS = ("tca", "tca_netvlad", "netvlad", "nextvlad", "lstm", "gru")
+
+# The command-line flag (train.py's, and evaluation.py's for a bare state
+# dict) of each build_model argument that fixes the architecture; dropout is
+# a training setting, not part of it.
+ARCHITECTURE_FLAGS = {"aggregator": "aggregator", "pca_components": "feature_size", "num_layers": "num_layers",
+                      "num_clusters": "num_clusters", "output_dim": "output_dim",
+                      "normalize_input": "normalize_input"}
 
 
 def build_model(aggregator="tca", feature_size=1024, num_layers=1, num_clusters=256, output_dim=1024,

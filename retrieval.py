@@ -13,7 +13,7 @@ search.py all do with a model, once:
   metric (cosine = TCA_c, chamfer = TCA_f, symmetric_chamfer = TCA_sym),
   reading and encoding each video once; under Horovod each rank scores its
   share of the database (database_shard) and the rows are gathered
-  (gather_rows);
+  (utils.gather_rows);
 - score_benchmark / evaluate_model: the above, then the benchmark's mAP.
 
 Nothing here parses flags or writes files: the entry points do.
@@ -27,8 +27,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from utils import (FRAMES_PER_BATCH, UserError, balanced_owners, l2_normalize, length_buckets, load_checkpoint,
-                   open_features, pad_sequences, read_features)
+from utils import (FRAMES_PER_BATCH, UserError, gather_rows, l2_normalize, length_buckets, load_checkpoint,
+                   open_features, pad_sequences, rank_share, read_features)
 
 # torch, model and similarity are imported inside the functions that use
 # them: evaluating a similarity file imports this module's callers but needs
@@ -42,14 +42,6 @@ PADDING_SIZE = 300
 
 # the similarity of each --metric and the paper's name for it
 METRICS = {"cosine": "TCA_c", "chamfer": "TCA_f", "symmetric_chamfer": "TCA_sym"}
-
-# the architecture flags, as build_model's arguments, and their values when
-# neither the checkpoint, the flags nor an args.json give one (upstream's)
-ARCHITECTURE_FLAGS = {"aggregator": "aggregator", "pca_components": "feature_size", "num_layers": "num_layers",
-                      "num_clusters": "num_clusters", "output_dim": "output_dim",
-                      "normalize_input": "normalize_input"}
-ARCHITECTURE_DEFAULTS = {"aggregator": "tca", "feature_size": 1024, "num_layers": 1, "num_clusters": 256,
-                         "output_dim": 1024, "normalize_input": False}
 
 # A batch's longest chunk is at most this many times its shortest (plus a few
 # frames, so short videos do not end up one length per batch): attention runs
@@ -72,24 +64,25 @@ def parse_metrics(text):
 def load_model(model_path, flags, device):
     """The model of a checkpoint, in eval mode. A self-describing checkpoint
     (train.py's {"model", "model_args"}) rebuilds itself; a flag in `flags`
-    (architecture flag -> value, None = not given) that contradicts it is an
-    error naming both values. A bare state dict (upstream's, or an earlier
-    model.pth) takes its architecture from the flags, else from the args.json
-    train.py wrote next to it, else upstream's defaults."""
+    (model.ARCHITECTURE_FLAGS flag -> value, None = not given) that
+    contradicts it is an error naming both values. A bare state dict
+    (upstream's, or an earlier model.pth) takes its architecture from the
+    flags, else from the args.json train.py wrote next to it, else
+    build_model's defaults (upstream's)."""
+    import inspect
+
     import model as models
     state_dict, model_args = load_checkpoint(model_path)
-    given = {ARCHITECTURE_FLAGS[flag]: value for flag, value in flags.items() if value is not None}
+    given = {models.ARCHITECTURE_FLAGS[flag]: value for flag, value in flags.items() if value is not None}
     if model_args is not None:
         for name, value in given.items():
             if name in model_args and model_args[name] != value:
-                flag = next(f for f, n in ARCHITECTURE_FLAGS.items() if n == name)
+                flag = next(f for f, n in models.ARCHITECTURE_FLAGS.items() if n == name)
                 raise UserError(f"{model_path}: the checkpoint was trained with --{flag} {model_args[name]}, "
                                 f"not {value}")
         architecture = dict(model_args)
     else:
-        architecture = dict(ARCHITECTURE_DEFAULTS)
-        architecture.update(_args_json_architecture(model_path))
-        architecture.update(given)
+        architecture = _args_json_architecture(model_path, models.ARCHITECTURE_FLAGS) | given
     architecture["dropout"] = 0.0  # eval mode: no dropout anyway
     try:
         model = models.build_model(**architecture)
@@ -98,13 +91,15 @@ def load_model(model_path, flags, device):
         raise UserError(f"{model_path}: {e}") from None
     except (RuntimeError, TypeError) as e:
         first = " ".join(str(e).strip().splitlines()[0:2])
-        raise UserError(f"{model_path}: does not fit a {architecture.get('aggregator')} model with these "
-                        f"flags ({first})") from None
+        aggregator = architecture.get("aggregator",
+                                      inspect.signature(models.build_model).parameters["aggregator"].default)
+        raise UserError(f"{model_path}: does not fit a {aggregator} model with these flags ({first})") from None
     return model.to(device).eval()
 
 
-def _args_json_architecture(model_path):
-    """The architecture recorded in the args.json next to a bare state dict."""
+def _args_json_architecture(model_path, architecture_flags):
+    """The architecture (build_model arguments) recorded in the args.json next
+    to a bare state dict; architecture_flags: model.ARCHITECTURE_FLAGS."""
     path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "args.json")
     if not os.path.isfile(path):
         return {}
@@ -113,7 +108,7 @@ def _args_json_architecture(model_path):
             saved = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read ({e})") from None
-    return {name: saved[flag] for flag, name in ARCHITECTURE_FLAGS.items() if flag in saved}
+    return {name: saved[flag] for flag, name in architecture_flags.items() if flag in saved}
 
 
 def _chunk_bounds(num_frames, padding_size):
@@ -204,17 +199,34 @@ def encode_videos(model, features, keys, lengths, *, video_level=True, frame_lev
                     for k, j in enumerate(owner.tolist()):
                         per_video[j].append(encoded[k, :chunk_frames[k]])
                     frames, video_frames = pad_sequences([torch.cat(v) for v in per_video], device=device)
+            _check_finite_embeddings(features, keys, batch, embeddings, frames)
             yield EncodedBatch(batch, embeddings, frames, video_frames)
             progress.update(len(batch))
 
 
+def _check_finite_embeddings(features, keys, batch, *embeddings):
+    """A non-finite embedding (n, ...) is an error naming its video: its
+    similarities would be NaN, which ranking takes for "not computed" and
+    silently leaves out. The features were checked finite on reading and the
+    checkpoint's weights on loading, so it is finite input too large for the
+    model (e.g. 1e30 overflows attention)."""
+    import torch
+    for tensor in embeddings:
+        if tensor is None:
+            continue
+        finite = torch.isfinite(tensor).flatten(1).all(1)  # (n,)
+        if not finite.all():
+            key = keys[batch[int(torch.nonzero(~finite)[0, 0])]]
+            raise UserError(f"{getattr(features, 'filename', '')}: video {key}: its embedding is not finite "
+                            "(NaN or infinity) though its features and the model's weights are: feature values "
+                            "too large for this model? (PCA-whitened features are of order 1)")
+
+
 def database_shard(lengths, rank, size):
-    """The positions of the database videos that rank `rank` of `size` reads
-    and scores: videos go, longest first, to the rank with the fewest frames
-    so far, so the ranks finish together. Deterministic."""
-    if size == 1:
-        return np.arange(len(lengths))
-    return np.flatnonzero(balanced_owners(lengths, size) == rank)
+    """The positions of the database videos (of `lengths` frames) that rank
+    `rank` of `size` reads and scores: shared by frames (utils.rank_share),
+    so the ranks finish together."""
+    return rank_share(lengths, rank, size)
 
 
 def model_similarities(model, features, feature_path, benchmark, metrics, padding_size=PADDING_SIZE,
@@ -275,6 +287,10 @@ def model_similarities(model, features, feature_path, benchmark, metrics, paddin
                 stored[1] += int(batch.num_frames.sum()) * batch.frames.shape[2]
         for m in metrics:
             columns[m][batch.indices] = scores[m].t().cpu().numpy()
+            if not np.isfinite(columns[m][batch.indices]).all():  # embeddings are finite: should never happen
+                d, q = np.argwhere(~np.isfinite(columns[m][batch.indices]))[0]
+                raise UserError(f"{feature_path}: video {database_keys[shard[batch.indices[d]]]}: its {m} "
+                                f"similarity to query {query_ids[q]} is not finite")
         similarity_seconds += time.perf_counter() - t1
     database_seconds = time.perf_counter() - t0 - similarity_seconds
 
@@ -292,16 +308,6 @@ def model_similarities(model, features, feature_path, benchmark, metrics, paddin
              "storage_kb_per_video": {m: stored[0 if m == "cosine" else 1] * 4 / 1024 / len(database_ids)
                                       for m in metrics}}  # float32
     return query_ids, database_ids, similarities, stats
-
-
-def gather_rows(dist, positions, rows):
-    """Every rank's (positions (n_r,), {name: (n_r, Q) rows}) concatenated in
-    rank order, on every rank (Horovod allgather)."""
-    import torch
-    positions = dist.hvd.allgather(torch.from_numpy(positions.astype(np.int64)), name="positions").numpy()
-    gathered = {name: dist.hvd.allgather(torch.from_numpy(r), name=f"rows.{name}").numpy()
-                for name, r in rows.items()}
-    return positions, gathered
 
 
 Scored = collections.namedtuple("Scored", "query_ids database_ids similarities stats evaluations")

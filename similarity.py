@@ -29,8 +29,7 @@ def cosine_similarity(queries, database):
     return l2_normalize(queries) @ l2_normalize(database).t()
 
 
-def chamfer_similarity(query, query_num_frames, database, database_num_frames,
-                       chunk_size=CHAMFER_CHUNK_SIZE, comparator=None):
+def chamfer_similarity(query, query_num_frames, database, database_num_frames, chunk_size=CHAMFER_CHUNK_SIZE):
     """Chamfer similarity (Q, D) of frame embeddings (ViSiL): for each query
     video, the mean over its valid frames of the best dot product with any
     valid frame of the database video.
@@ -39,25 +38,22 @@ def chamfer_similarity(query, query_num_frames, database, database_num_frames,
     when every frame is valid. A video without frames scores 0.
     chunk_size bounds the frame-to-frame similarities held at once (memory
     is about max(chunk_size, longest video) elements), whatever the lengths.
-    comparator: an optional VideoComparator applied to each pair's similarity
-    matrix first (upstream's --use_comparator); that path loops over pairs.
     """
-    return _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, comparator, False)[0]
+    return _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, False)[0]
 
 
 def symmetric_chamfer_similarity(query, query_num_frames, database, database_num_frames,
-                                 chunk_size=CHAMFER_CHUNK_SIZE, comparator=None):
+                                 chunk_size=CHAMFER_CHUNK_SIZE):
     """(chamfer(query, database) + chamfer(database, query)^T) / 2, (Q, D).
     Both directions come from the same frame-to-frame similarities."""
-    return chamfer_similarities(query, query_num_frames, database, database_num_frames, chunk_size, comparator)[1]
+    return chamfer_similarities(query, query_num_frames, database, database_num_frames, chunk_size)[1]
 
 
-def chamfer_similarities(query, query_num_frames, database, database_num_frames,
-                         chunk_size=CHAMFER_CHUNK_SIZE, comparator=None):
+def chamfer_similarities(query, query_num_frames, database, database_num_frames, chunk_size=CHAMFER_CHUNK_SIZE):
     """(chamfer, symmetric chamfer), both (Q, D), from one pass over the
     frame-to-frame similarities: what TCA_f and TCA_sym cost together is
     what TCA_sym costs alone."""
-    forward, reverse = _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, comparator, True)
+    forward, reverse = _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, True)
     return forward, (forward + reverse) / 2
 
 
@@ -88,15 +84,13 @@ def _length_blocks(order, lengths, budget):
         yield order[start:stop], lengths[stop - 1]
 
 
-def _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, comparator, symmetric):
+def _chamfer(query, query_num_frames, database, database_num_frames, chunk_size, symmetric):
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     query, qn = _as_frames(query, query_num_frames)
     database, dn = _as_frames(database, database_num_frames)
     if query.shape[2] != database.shape[2]:
         raise ValueError(f"query has {query.shape[2]} channels, database {database.shape[2]}")
-    if comparator is not None:
-        return _comparator_chamfer(query, qn, database, dn, comparator, symmetric)
     # (forward, reverse) (Q, D): the query-to-database chamfer and, when
     # symmetric, the database-to-query one
     out = query.new_zeros(1 + symmetric, query.shape[0], database.shape[0])
@@ -193,19 +187,3 @@ def _chamfer_block(q_block, qn, d_block, dn, chunk_size, symmetric):
         return result.unsqueeze(0)
     d_valid = make_frame_mask(dn, d_len).to(d_to_q.dtype)  # (nd, Td)
     return torch.stack([result, (d_to_q * d_valid).sum(2) / dn.to(d_to_q.dtype)])  # (2, nq, nd)
-
-
-def _comparator_chamfer(query, qn, database, dn, comparator, symmetric):
-    """Chamfer through the VideoComparator, one pair at a time (the CNN's
-    replication padding makes a pair's result depend on its matrix size).
-    Returns (forward, reverse or None), each (Q, D)."""
-    out = query.new_zeros(1 + symmetric, query.shape[0], database.shape[0])
-    for i in range(query.shape[0]):
-        for j in range(database.shape[0]):
-            if qn[i] == 0 or dn[j] == 0:
-                continue
-            sim = query[i, :qn[i]] @ database[j, :dn[j]].t()  # (Tq_i, Td_j)
-            out[0, i, j] = comparator(sim).amax(1).mean()
-            if symmetric:
-                out[1, i, j] = comparator(sim.t()).amax(1).mean()
-    return out[0], out[1] if symmetric else None

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import utils
 from data import DATASETS_DIR, VCDBPairDataset, collate_pairs
-from model import AGGREGATORS, MoCo, build_model
+from model import AGGREGATORS, ARCHITECTURE_FLAGS, MoCo, build_model
 from utils import UserError
 
 
@@ -174,9 +174,7 @@ def seed_everything(seed, epoch, rank):
 def model_args(args):
     """build_model's arguments for this run: what model.pth carries so that it
     describes itself (evaluation.py needs no architecture flag)."""
-    return {"aggregator": args.aggregator, "feature_size": args.pca_components, "num_layers": args.num_layers,
-            "num_clusters": args.num_clusters, "output_dim": args.output_dim,
-            "normalize_input": args.normalize_input, "dropout": args.dropout}
+    return {name: getattr(args, flag) for flag, name in ARCHITECTURE_FLAGS.items()} | {"dropout": args.dropout}
 
 
 def lr_scale(args, dist, device):

@@ -209,20 +209,35 @@ def load_pickle(path):
 
 def load_torch_file(path, map_location="cpu"):
     """torch.load with `weights_only=True` (no code runs); a missing, empty,
-    truncated or foreign file is one UserError naming it."""
+    truncated or foreign file is one UserError naming it. A file the safe
+    loader refuses gets a line of our own: PyTorch's message advises turning
+    the safe loader off, the one thing to never do with a file that asks to
+    run code."""
+    import warnings
+
     import torch
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle's protocol warning, which repeats that advice
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # keep only PyTorch's diagnosis ("Unsupported operand 199", "unsupported GLOBAL posix.system ...")
+        detail = [line.strip() for line in str(e).splitlines() if line.strip() and not any(
+            word in line for word in ("weights_only", "Weights only", "torch.load", "Please file an issue"))]
+        reason = detail[0] if detail else "not plain tensors and data"
+        raise UserError(f"{path}: cannot load checkpoint: the safe loader refused it ({reason}); a damaged file, "
+                        "or one that asks to run code") from None
     except Exception as e:  # torch raises many kinds for a bad file
-        raise UserError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+        reason = str(e).splitlines()[0] if str(e).strip() else "empty or truncated"
+        raise UserError(f"{path}: cannot load checkpoint ({type(e).__name__}: {reason})") from None
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a model checkpoint with `weights_only=True`: returns (state_dict,
-    model_args). model_args is the dict of build_model arguments a
+    """Load a model checkpoint with `weights_only=True`, its floating-point
+    tensors checked finite: returns (state_dict, model_args). model_args is the dict of build_model arguments a
     self-describing checkpoint carries (train.py's {"model", "model_args"}),
     None for a bare state dict (upstream's) or one under 'state_dict' /
     'model_state_dict'. The 'module.' prefix of DataParallel/DDP
@@ -240,6 +255,11 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: checkpoint holds no state dict")
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    # one NaN weight (or a damaged byte that makes one 1e29) turns every embedding into NaN
+    bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"{path}: tensor {bad} holds non-finite weights (NaN or infinity): a damaged checkpoint "
+                        "or a diverged training run")
     return state_dict, model_args
 
 
@@ -249,14 +269,71 @@ def load_state_dict(path, map_location="cpu"):
 
 
 def open_features(path, mode="r"):
-    """Open an HDF5 feature file (one dataset per video id, (T, C) float)."""
+    """Open an HDF5 feature file (one dataset per video id, (T, C) float) as
+    a FeatureFile: every error of HDF5 on opening it, finding a video in it
+    or reading one is one UserError naming the file (and the video)."""
     path = os.fspath(path)
     if mode == "r" and not os.path.isfile(path):
         raise UserError(f"{path}: feature file not found")
     try:
-        return h5py.File(path, mode)
+        return FeatureFile(path, mode)
     except OSError as e:
         raise UserError(f"{path}: cannot open as HDF5 ({e})") from None
+
+
+@contextlib.contextmanager
+def hdf5_errors(path, video=None, lookup=False, checksummed=False):
+    """HDF5's errors inside the block (a damaged file: a broken symbol
+    table or object header, a Fletcher-32 checksum that does not match) as
+    one UserError naming the file, and the video being read (or looked up:
+    the damage is then the file's index, not that video's data). KeyError
+    stays KeyError where the object is simply absent."""
+    try:
+        yield
+    except (KeyError, OSError, RuntimeError) as e:
+        if isinstance(e, KeyError) and "doesn't exist" in str(e):
+            raise
+        reason = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+        if checksummed and "filter returned failure" in reason:
+            reason = "its Fletcher-32 checksum does not match: the data were damaged after writing"
+        if video is None:
+            raise UserError(f"{path}: damaged HDF5 file ({reason})") from None
+        if lookup:
+            raise UserError(f"{path}: damaged HDF5 file (looking up video {video}: {reason})") from None
+        raise UserError(f"{path}: video {video}: damaged HDF5 file ({reason})") from None
+
+
+class FeatureFile(h5py.File):
+    """h5py.File whose lookups (`in`, `[]`, visititems) and dataset reads go
+    through hdf5_errors: h5py reports a damaged file as a RuntimeError,
+    KeyError or OSError with no file name, deep inside whoever reads it."""
+
+    def __contains__(self, name):
+        with hdf5_errors(self.filename, name, lookup=True):
+            return super().__contains__(name)
+
+    def __getitem__(self, name):
+        with hdf5_errors(self.filename, name, lookup=True):
+            obj = super().__getitem__(name)
+        if isinstance(obj, h5py.Dataset):
+            return FeatureDataset(obj.id, self.filename, name, readonly=self.mode == "r")
+        return obj
+
+    def visititems(self, func):
+        with hdf5_errors(self.filename):
+            return super().visititems(func)
+
+
+class FeatureDataset(h5py.Dataset):
+    """An h5py.Dataset of a FeatureFile: its reads name the file and the video."""
+
+    def __init__(self, bind, path, video, readonly=False):
+        super().__init__(bind, readonly=readonly)
+        self._path, self._video = path, video
+
+    def __getitem__(self, *args, **kwargs):
+        with hdf5_errors(self._path, self._video, checksummed=self.fletcher32):
+            return super().__getitem__(*args, **kwargs)
 
 
 def read_features(features, key, path=None):
@@ -536,3 +613,60 @@ def all_gatherer(dist):
         return None
     hvd = dist.hvd
     return lambda tensor: hvd.allgather(tensor.detach().contiguous())
+
+
+def rank_share(work, rank, size):
+    """The positions (ascending) of the items of `work` (each item's cost:
+    frames, bytes) that rank `rank` of `size` takes: balanced_owners's share,
+    so the ranks finish together. Deterministic; every rank computes it alone."""
+    if size == 1:
+        return np.arange(len(work))
+    return np.flatnonzero(balanced_owners(work, size) == rank)
+
+
+def gather_rows(dist, positions, rows):
+    """Every rank's (positions (n_r,), {name: (n_r, ...) numpy rows})
+    concatenated in rank order, on every rank (Horovod allgather)."""
+    import torch
+    positions = dist.hvd.allgather(torch.from_numpy(positions.astype(np.int64)), name="positions").numpy()
+    gathered = {name: dist.hvd.allgather(torch.from_numpy(r), name=f"rows.{name}").numpy()
+                for name, r in rows.items()}
+    return positions, gathered
+
+
+def gather_objects(dist, value):
+    """[value of rank 0, value of rank 1, ...] (any picklable value) on every
+    rank; waits for all of them."""
+    return [value] if dist.size == 1 else dist.hvd.allgather_object(value)
+
+
+def _stop_every_rank(dist, message):
+    # rank 0 says it once; the others leave quietly with the same status
+    if dist.rank == 0:
+        raise UserError(message)
+    raise SystemExit(2)
+
+
+def on_rank0(dist, function):
+    """function() run on rank 0 only; its result, or its UserError, reaches
+    every rank (the others then exit 2 without a word)."""
+    if dist.size == 1:
+        return function()
+    result, error = None, None
+    if dist.rank == 0:
+        try:
+            result = function()
+        except UserError as e:
+            error = str(e)
+    result, error = dist.hvd.broadcast_object((result, error), root_rank=0)
+    if error is not None:
+        _stop_every_rank(dist, error)
+    return result
+
+
+def agree(dist, error):
+    """Every rank stops if any rank met an error (a message; None: none did):
+    rank 0 reports the first one."""
+    errors = [e for e in gather_objects(dist, error) if e is not None]
+    if errors:
+        _stop_every_rank(dist, errors[0])

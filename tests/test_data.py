@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import data
-from data import CC_WEB_VIDEO, EVVE, FIVR, VCDB, average_precision, load_benchmark
+from data import CC_WEB_VIDEO, EVVE, FIVR, VCDB, load_benchmark
+from metrics import average_precision
 from utils import UserError
 
 

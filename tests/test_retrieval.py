@@ -27,12 +27,3 @@ def test_chunk_bounds_split_as_array_split():
         pieces = -(-num_frames // padding_size) if padding_size and num_frames > padding_size else 1
         expected = [(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(num_frames), pieces)]
         assert retrieval._chunk_bounds(num_frames, padding_size) == expected
-
-
-def test_database_shard_covers_every_video_once_and_balances_frames():
-    lengths = np.random.default_rng(1).integers(1, 500, 57)
-    shards = [retrieval.database_shard(lengths, rank, 3) for rank in range(3)]
-    assert sorted(np.concatenate(shards).tolist()) == list(range(len(lengths)))
-    loads = [int(lengths[s].sum()) for s in shards]
-    assert max(loads) - min(loads) <= lengths.max()
-    assert retrieval.database_shard(lengths, 0, 1).tolist() == list(range(len(lengths)))

@@ -1,10 +1,8 @@
 """Tests of similarity.py: cosine, chamfer and symmetric chamfer against
-hand-computed and brute-force values, the length-bounded blocks, the
-comparator path."""
+hand-computed and brute-force values, the length-bounded blocks."""
 import pytest
 import torch
 
-from model import VideoComparator
 from similarity import (CHAMFER_LENGTH_SPREAD, _length_blocks, chamfer_similarities, chamfer_similarity,
                         cosine_similarity, symmetric_chamfer_similarity)
 
@@ -82,24 +80,6 @@ def test_chamfer_without_num_frames_uses_all_frames():
     query, database = torch.randn(2, 5, 8), torch.randn(3, 4, 8)
     expected = brute_force_chamfer(query, [5, 5], database, [4, 4, 4], False)
     assert torch.allclose(chamfer_similarity(query, None, database, None).double(), expected, atol=1e-5)
-
-
-def test_video_comparator_shapes_and_comparator_chamfer():
-    comparator = VideoComparator().eval()
-    sim = torch.rand(20, 12)
-    out = comparator(sim)
-    assert out.shape == (5, 3) and out.min() >= 0 and out.max() <= 1
-    batch = torch.rand(2, 20, 12)
-    assert torch.allclose(comparator(batch)[1], comparator(batch[1]))
-    query, qn = torch.randn(2, 16, 8), torch.tensor([16, 9])
-    database, dn = torch.randn(1, 12, 8), torch.tensor([12])
-    with torch.no_grad():
-        got = chamfer_similarity(query, qn, database, dn, comparator=comparator)
-        expected = comparator(query[1, :9] @ database[0].t()).amax(1).mean()
-        assert torch.allclose(got[1, 0], expected)
-        sym = symmetric_chamfer_similarity(query, qn, database, dn, comparator=comparator)
-        reverse = comparator(database[0] @ query[1, :9].t()).amax(1).mean()
-        assert torch.allclose(sym[1, 0], (expected + reverse) / 2)
 
 
 def test_chamfer_blocks_bound_the_padding():

@@ -490,3 +490,21 @@ def test_a_non_finite_feature_stops_training_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert re.fullmatch(rf"error: {re.escape(feature_path)}: video \w+: non-finite feature value at frame 0",
                         result.stderr.strip().splitlines()[-1])
+
+
+def test_a_damaged_feature_file_is_one_line(tmp_path, synthetic):
+    """A broken symbol table (the file's index of videos) is found while the
+    pairs are checked: one line naming the file, not h5py's RuntimeError."""
+    import shutil
+    annotation_path, feature_path = synthetic
+    damaged = tmp_path / "damaged.hdf5"
+    shutil.copy(feature_path, damaged)
+    data = bytearray(damaged.read_bytes())
+    at = data.find(b"SNOD")
+    data[at:at + 4] = b"\xff\xfe\xfd\xfc"
+    damaged.write_bytes(bytes(data))
+    command = train_command(tmp_path, annotation_path, str(damaged), str(tmp_path / "m"))
+    result = run([PYTHON, os.path.join(REPO, "train.py"), *command[2:]], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {damaged}: damaged HDF5 file (")

@@ -185,3 +185,124 @@ def test_check_outputs_apart_refuses_an_input_by_path_symlink_and_hard_link(tmp_
             check_outputs_apart({"--json_out": str(output)}, {"--feature_path": str(features), "--model_path": None})
     assert features.read_bytes() == b"features"
     check_outputs_apart({"--json_out": str(tmp_path / "new.json"), "--plot": None}, {"--feature_path": str(features)})
+
+
+def test_rank_share_covers_every_item_once_and_balances_work():
+    work = np.random.default_rng(1).integers(1, 500, 57)
+    shares = [utils.rank_share(work, rank, 3) for rank in range(3)]
+    assert sorted(np.concatenate(shares).tolist()) == list(range(len(work)))
+    assert all((np.diff(s) > 0).all() for s in shares)  # ascending
+    loads = [int(work[s].sum()) for s in shares]
+    assert max(loads) - min(loads) <= work.max()
+    assert utils.rank_share(work, 0, 1).tolist() == list(range(len(work)))
+
+
+class _FakeRanks:
+    """Horovod's object collectives for rank `rank` of a world whose ranks
+    contribute `values` (allgather_object) and whose rank 0 broadcasts what it is given."""
+
+    def __init__(self, rank, values):
+        self.rank, self.values, self.broadcast_from_rank0 = rank, values, None
+
+    def allgather_object(self, value):
+        assert value == self.values[self.rank]
+        return list(self.values)
+
+    def broadcast_object(self, value, root_rank):
+        if self.rank == 0:
+            self.broadcast_from_rank0 = value
+        return self.broadcast_from_rank0
+
+
+def test_on_rank0_and_agree_stop_every_rank_with_rank_0_reporting():
+    one = utils.Distributed(None, 0, 1, 0, 1)
+    assert utils.on_rank0(one, lambda: 7) == 7 and utils.agree(one, None) is None
+    with pytest.raises(UserError, match="bad"):
+        utils.on_rank0(one, lambda: (_ for _ in ()).throw(UserError("bad")))
+    # agree: a rank's error stops rank 0 with the message, the others with exit 2
+    errors = [None, "rank 1: disk full"]
+    for rank in (0, 1):
+        dist = utils.Distributed(_FakeRanks(rank, errors), rank, 2, rank, 2)
+        if rank == 0:
+            with pytest.raises(UserError, match="rank 1: disk full"):
+                utils.agree(dist, errors[rank])
+        else:
+            with pytest.raises(SystemExit) as exit_:
+                utils.agree(dist, errors[rank])
+            assert exit_.value.code == 2
+    assert utils.agree(utils.Distributed(_FakeRanks(1, [None, None]), 1, 2, 1, 2), None) is None
+    # on_rank0: rank 0's result (or error) reaches rank 1, which never runs the function
+    hvd = _FakeRanks(0, [])
+    assert utils.on_rank0(utils.Distributed(hvd, 0, 2, 0, 2), lambda: {"done": 3}) == {"done": 3}
+    hvd.rank = 1
+    assert utils.on_rank0(utils.Distributed(hvd, 1, 2, 1, 2), lambda: pytest.fail("ran on rank 1")) == {"done": 3}
+
+
+def test_gather_rows_concatenates_in_rank_order():
+    class TwoRanks:  # rank 0 holds positions [2], rank 1 (this one) [0, 1]
+        @staticmethod
+        def allgather(tensor, name):
+            other = torch.tensor([2]) if name == "positions" else torch.full((1, 3), 9.0)
+            return torch.cat([other, tensor])
+    positions, rows = utils.gather_rows(utils.Distributed(TwoRanks, 1, 2, 1, 2), np.array([0, 1]),
+                                        {"cosine": np.zeros((2, 3), np.float32)})
+    assert positions.tolist() == [2, 0, 1] and rows["cosine"].tolist() == [[9.0] * 3, [0.0] * 3, [0.0] * 3]
+
+
+def test_a_fletcher32_checksum_failure_names_file_and_video(tmp_path):
+    import h5py
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("v1", data=np.ones((50, 4), np.float32), fletcher32=True, chunks=(50, 4))
+        offset = f["v1"].id.get_chunk_info(0).byte_offset
+    data = bytearray((tmp_path / "f.h5").read_bytes())
+    data[offset + 17] ^= 0x40  # one flipped bit in the stored values
+    (tmp_path / "f.h5").write_bytes(bytes(data))
+    with utils.open_features(tmp_path / "f.h5") as f:
+        assert f["v1"].shape == (50, 4)  # the index is intact
+        for read in (lambda: utils.read_features(f, "v1"), lambda: f["v1"][10:20]):
+            with pytest.raises(UserError, match=rf"^{tmp_path / 'f.h5'}: video v1: damaged HDF5 file \(its "
+                                                r"Fletcher-32 checksum does not match"):
+                read()
+        with pytest.raises(KeyError):  # an absent video is no damage
+            f["v2"]
+
+
+def test_a_damaged_index_is_one_user_error_for_every_lookup(tmp_path):
+    import h5py
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        for i in range(5):
+            f[f"v{i}"] = np.ones((3, 4), np.float32)
+    data = bytearray((tmp_path / "f.h5").read_bytes())
+    at = data.find(b"SNOD")
+    data[at:at + 4] = b"XXXX"
+    (tmp_path / "f.h5").write_bytes(bytes(data))
+    with utils.open_features(tmp_path / "f.h5") as f:
+        for lookup in (lambda: "v1" in f, lambda: f["v1"], lambda: f.visititems(lambda name, obj: None)):
+            with pytest.raises(UserError, match=rf"^{tmp_path / 'f.h5'}: damaged HDF5 file \(.*bad symbol table"):
+                lookup()
+
+
+def test_a_refused_checkpoint_is_one_line_of_our_own(tmp_path):
+    """PyTorch's refusal advises re-running with weights_only=False: the one
+    thing not to do with a file that asks to run code."""
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, ("echo pwned",)
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save({"model": RunsCode()}, tmp_path / "callable.pth")
+    (tmp_path / "pickle.pth").write_bytes(pickle.dumps(RunsCode()))
+    for name in ("random.pth", "callable.pth", "pickle.pth"):
+        with pytest.raises(UserError) as error:
+            utils.load_checkpoint(tmp_path / name)
+        message = str(error.value)
+        assert message.startswith(f"{tmp_path / name}: cannot load checkpoint: the safe loader refused it (")
+        assert "weights_only" not in message and "\n" not in message
+        if name == "callable.pth":  # PyTorch's diagnosis is kept
+            assert "posix.system" in message
+
+
+def test_a_checkpoint_with_non_finite_weights_names_the_tensor(tmp_path):
+    torch.save({"fc.weight": torch.ones(2, 2), "fc.bias": torch.tensor([0.0, float("inf")]),
+                "steps": torch.tensor(3)}, tmp_path / "m.pth")
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'm.pth'}: tensor fc.bias holds non-finite weights"):
+        utils.load_checkpoint(tmp_path / "m.pth")
