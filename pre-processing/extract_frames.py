@@ -1,308 +1,35 @@
 """Decode videos into frames at a fixed rate (default 1 frame per second),
 resized so the shorter side is 256 and centre-cropped to 256x256, as TCA's
-pre-processing does. Each video becomes DIR/<id>.npy, uint8 (T, 256, 256, 3) RGB.
+pre-processing does (video.py). Each video becomes DIR/<id>.npy, uint8
+(T, 256, 256, 3) RGB.
 
     python pre-processing/extract_frames.py --video_list videos.tsv --output frames/
     python pre-processing/extract_frames.py --video_list 'videos/*/{id}.mp4' --output frames/
 
 The frames need not be stored: extract_features.py --video_list decodes with
-the same function (decode_windows, a window of frames at a time, so memory
-does not grow with a video's length) and streams the frames straight into
-the CNN. This script writes each video whole.
+the same function (video.decode_windows, a window of frames at a time, so
+memory does not grow with a video's length) and streams the frames straight
+into the CNN. This script writes each video whole.
 
 A video is written once complete (write then rename), so a killed run loses
 nothing and a re-run skips the finished videos. Videos that cannot be decoded
-(corrupt, truncated, empty, not a video) are reported, listed in a failures
-file and skipped.
+(corrupt, truncated, empty, not a video), or whose worker process dies
+(lanes.py), are reported, listed in a failures file and skipped.
 """
 import argparse
-import collections
-import glob
-import math
 import os
-import re
 import sys
 import time
 
-import av
-import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import UserError, atomic_path, run_main  # noqa: E402
-from h5_writer import check_failures_path, write_failures  # noqa: E402
+from utils import UserError, run_main  # noqa: E402
+from lanes import videos_in_lanes  # noqa: E402
+from video import frames_path, read_video_list, remove_stale_frames, save_frames, video_items  # noqa: E402
+from writer import check_failures_path, write_failures  # noqa: E402
 
-FRAME_SIZE = 256  # shorter side, then centre crop: upstream's resize_frame + center_crop
-
-
-class VideoError(Exception):
-    """A video that cannot be decoded; the pipeline skips it and lists it."""
-
-
-# --------------------------------------------------------------------------
-# the list of videos: `id<TAB>path` lines, or a glob pattern with {id}
-
-def read_video_list(spec):
-    """Return [(video_id, path)] from a list file of `id<TAB>path` lines or a
-    glob pattern containing `{id}` (e.g. 'videos/*/{id}.mp4'), where the part
-    of the file name matched by {id} becomes the video id."""
-    if "{id}" in spec:
-        return _glob_video_list(spec)
-    if not os.path.isfile(spec):
-        raise UserError(f"{spec}: video list not found (give a file of 'id<TAB>path' lines "
-                        "or a glob pattern containing {id})")
-    videos, seen = [], set()
-    with open(spec) as f:
-        for line_number, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip() or line.startswith("#"):
-                continue
-            fields = line.split("\t")
-            if len(fields) != 2 or not fields[0] or not fields[1]:
-                raise UserError(f"{spec}:{line_number}: expected 'id<TAB>path', got {line!r}")
-            video_id, path = fields
-            if video_id in seen:
-                raise UserError(f"{spec}:{line_number}: duplicate video id {video_id!r}")
-            if os.path.isabs(video_id) or ".." in video_id.split("/"):
-                raise UserError(f"{spec}:{line_number}: video id {video_id!r} must be a relative name")
-            seen.add(video_id)
-            # relative paths are relative to the list file, so a list travels with its videos
-            videos.append((video_id, os.path.join(os.path.dirname(os.path.abspath(spec)), path)))
-    if not videos:
-        raise UserError(f"{spec}: no videos listed")
-    return videos
-
-
-def _glob_video_list(pattern):
-    if pattern.count("{id}") != 1:
-        raise UserError(f"{pattern}: the pattern must contain {{id}} exactly once")
-    # glob wildcards and {id} match within one path component, as in glob itself
-    regex = ""
-    for token in re.split(r"(\{id\}|\*|\?)", pattern):
-        regex += {"{id}": r"(?P<id>[^/]+)", "*": r"[^/]*", "?": r"[^/]"}.get(token, re.escape(token))
-    videos = {}
-    for path in sorted(glob.glob(pattern.replace("{id}", "*"))):
-        match = re.fullmatch(regex, path)
-        if match is None or not os.path.isfile(path):
-            continue
-        video_id = match.group("id")
-        if video_id in videos:
-            raise UserError(f"{pattern}: video id {video_id!r} matches both {videos[video_id]} and {path}")
-        videos[video_id] = path
-    if not videos:
-        raise UserError(f"{pattern}: no file matches")
-    return list(videos.items())
-
-
-# --------------------------------------------------------------------------
-# decoding
-
-# Codecs whose skip_frame "NONREF" leaves undecoded only pictures that no other picture
-# references, checked bit for bit against a full decode in tests/test_extract_frames.py.
-SKIP_NONREF_CODECS = ("h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video")
-
-
-# Frames per window of decode_windows: what a lane holds of a video at once
-# (256 x 192 KB = 48 MB of uint8 frames, about as much again when a window
-# crosses to the main process), whatever the video's length (bench/NOTES.md).
-WINDOW = 256
-
-
-def decode_windows(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True, window=WINDOW):
-    """Decode `path` at `fps` frames per second, yielding the frames in
-    windows of at most `window`: uint8 (n, size, size, 3) RGB arrays, n <=
-    window, so that a video of any length takes a bounded amount of memory.
-    The frames kept are the first of every 1/fps-second interval, counted
-    from the first frame, so a video whose last frame starts at time L gives
-    floor(L * fps) + 1 frames. Each frame is scaled (bicubic, as upstream's
-    cv2.INTER_CUBIC) so its shorter side is `size`, then centre-cropped to
-    size x size.
-
-    threads: FFmpeg decoding threads (0 = FFmpeg's choice); 1 suits parallel
-        worker processes, which already keep every core busy.
-    skip_unused: in H.264, HEVC, MPEG-4 Part 2 and MPEG-1/2 streams, let
-        libavcodec leave undecoded the pictures that no other picture
-        references and that are not kept (typically most B-frames): the same
-        frames, bit for bit, for less decoding. Any stream whose kept frames
-        cannot be predicted from its packets is decoded in full; one whose
-        decoded frames stop following the prediction is decoded again in
-        full, from its start, past the windows already yielded (whose
-        timestamps are checked to be the ones the full decode keeps).
-    Raises VideoError, before the first window or after any (including the
-    last: the checks of the whole video come at its end), if the file cannot
-    be opened or decoded, holds no video frame, or decodes to much less than
-    the duration its container declares (a truncated download): a caller
-    keeps nothing of a video until the generator is exhausted.
-    """
-    if not os.path.isfile(path):
-        raise VideoError("file not found")
-    if os.path.getsize(path) == 0:
-        raise VideoError("empty file")
-    if window < 1:
-        raise ValueError(f"window must be positive, got {window}")
-    passed = []  # pts of the frames in the windows yielded so far
-    if skip_unused:
-        try:
-            plan = _plan_kept_frames(path, fps)
-            if plan is not None:
-                yield from _decode(path, fps, size, threads, window, passed, plan)
-                return
-        except (_OffPlan, av.FFmpegError, OSError, ValueError, RuntimeError):
-            pass  # the full decode below tells whether the file itself is broken
-    try:
-        yield from _decode(path, fps, size, threads, window, passed, None)
-    except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
-        raise VideoError(f"cannot decode ({type(e).__name__}: {e})") from None
-
-
-def decode_frames(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True):
-    """The whole video at once: decode_windows' frames as one uint8
-    (T, size, size, 3) array. Its memory grows with the video's length;
-    the extractor takes the windows instead."""
-    return np.concatenate(list(decode_windows(path, fps, size, threads, skip_unused)))
-
-
-class _OffPlan(Exception):
-    """The decoded frames are not those the plan predicted."""
-
-
-def _decode(path, fps, size, threads, window, passed, plan):
-    """Decode and keep frames as decode_windows says, yielding them in
-    windows and appending their pts to `passed`. Frames already in `passed`
-    (yielded by an earlier, planned decode) are checked, not yielded again.
-    plan: None to decode every picture, else _plan_kept_frames' plan, whose
-    unreferenced pictures are not decoded unless kept; raises _OffPlan if
-    the frames kept are not the ones it predicted."""
-    buffer, kept, last_bucket, first_time, last_time = [], [], -1, None, None
-    keep = set(plan.kept) if plan is not None else None
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise VideoError("no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        stream.thread_count = threads
-        rate = float(stream.average_rate or stream.guessed_rate or 25)
-        index = -1
-        for packet in container.demux(stream):
-            if plan is not None:
-                # copied when the packet is sent, so frame threads apply it to this picture only
-                stream.codec_context.skip_frame = "DEFAULT" if packet.pts in keep else "NONREF"
-            for frame in packet.decode():
-                index += 1
-                if plan is not None and frame.pts not in plan.shown:
-                    raise _OffPlan  # not a picture the packets announced
-                time_s = frame.time if frame.time is not None else index / rate
-                if first_time is None:
-                    first_time = time_s
-                last_time = time_s
-                bucket = _interval(time_s, first_time, fps)
-                if bucket <= last_bucket:
-                    continue  # fps above the video's rate simply keeps every frame
-                last_bucket = bucket
-                if plan is not None and plan.kept[len(kept):len(kept) + 1] != [frame.pts]:
-                    raise _OffPlan  # not the next frame predicted: stop before decoding the rest
-                kept.append(frame.pts)
-                if len(kept) <= len(passed):
-                    if passed[len(kept) - 1] != frame.pts:
-                        raise VideoError("a full decode keeps other frames than the skipping decode "
-                                         "already passed on; extract it with skip_unused=False")
-                    continue
-                buffer.append(_resize_and_crop(frame, size))
-                if len(buffer) == window:
-                    passed.extend(kept[len(passed):])
-                    yield np.stack(buffer)
-                    buffer = []
-        declared = _declared_duration(container, stream)
-    if plan is not None:
-        if kept != plan.kept:
-            raise _OffPlan
-        last_time = plan.last_time  # the last frame may have been skipped
-    if not kept:
-        raise VideoError("no frame decoded")
-    decoded = last_time - first_time + 1.0 / rate
-    if declared is not None and decoded < declared - max(2.0, 0.1 * declared):
-        raise VideoError(f"truncated: decoded {decoded:.1f} s of the {declared:.1f} s its container declares")
-    if buffer:
-        passed.extend(kept[len(passed):])
-        yield np.stack(buffer)
-
-
-def _interval(time_s, first_time, fps):
-    """Which 1/fps-second interval, counted from first_time, a frame stamped
-    time_s falls in; decode_frames keeps the first frame of each."""
-    # small epsilon: a frame stamped 0.9999999 s is the one meant for 1 s
-    return math.floor((time_s - first_time) * fps + 1e-6)
-
-
-# The pts of every picture a stream shows, of those decode_frames keeps (in
-# order), and the last shown picture's time in seconds.
-_Plan = collections.namedtuple("_Plan", "shown kept last_time")
-
-
-def _plan_kept_frames(path, fps):
-    """Read the packets (no decoding) and predict the pts of the frames
-    decode_frames keeps, or None when the stream is not one whose pictures
-    can be skipped: a codec not in SKIP_NONREF_CODECS, packets without
-    timestamps or with repeated ones, timestamps that never go back (nothing
-    is decoded ahead of its turn, or they are decoding times, as AVI's),
-    MPEG-4 packed B-frames (a B-frame stored in the packet before its own)."""
-    with av.open(path) as container:
-        if not container.streams.video:
-            return None
-        stream = container.streams.video[0]
-        time_base = stream.time_base  # read while the container is open
-        codec = stream.codec_context.name
-        if codec not in SKIP_NONREF_CODECS or time_base is None:
-            return None
-        # libavcodec's own test for packed B-frames: this filter changes the packets that hold them
-        unpack = av.BitStreamFilterContext("mpeg4_unpack_bframes", stream) if codec == "mpeg4" else None
-        decode_order, shown = [], []
-        for packet in container.demux(stream):
-            if packet.size == 0:
-                continue  # the flush packet at the end
-            if packet.pts is None:
-                return None
-            decode_order.append(packet.pts)
-            if not packet.is_discard:
-                shown.append(packet.pts)
-            size = packet.size  # the filter takes the packet's data
-            if unpack is not None and [p.size for p in unpack.filter(packet)] != [size]:
-                return None
-    if len(set(shown)) != len(shown) or not shown or decode_order == sorted(decode_order):
-        return None
-    shown.sort()
-    times = [float(pts * time_base) for pts in shown]
-    kept, last_bucket = [], -1
-    for pts, time_s in zip(shown, times):
-        bucket = _interval(time_s, times[0], fps)
-        if bucket > last_bucket:
-            last_bucket = bucket
-            kept.append(pts)
-    return _Plan(set(shown), kept, times[-1])
-
-
-def _resize_and_crop(frame, size):
-    width, height = frame.width, frame.height
-    scale = size / min(width, height)
-    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
-    # swscale resizes and converts to RGB in one pass
-    image = frame.reformat(width=new_width, height=new_height, format="rgb24",
-                           interpolation="BICUBIC").to_ndarray()  # (H, W, 3)
-    top, left = (new_height - size) // 2, (new_width - size) // 2
-    return image[top:top + size, left:left + size]
-
-
-def _declared_duration(container, stream):
-    """Duration in seconds the file claims for its video, if it claims one."""
-    if stream.duration is not None and stream.time_base is not None:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / 1e6  # av.time_base is microseconds
-    return None
-
-
-# --------------------------------------------------------------------------
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -313,64 +40,46 @@ def get_args_parser():
     parser.add_argument("--output", required=True, help="directory for the <id>.npy frame files")
     parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
-                        help="parallel decoding processes (0: decode in this process)")
+                        help="parallel decoding processes (lanes.py: one that dies costs only its video; 0: decode in "
+                             "this process)")
     parser.add_argument("--failures", default=None,
                         help="where to list the videos that failed (a file this program wrote, or none: another "
                              "file is refused); None: OUTPUT/failures.tsv")
     return parser
 
 
-def _frames_path(output, video_id):
-    return os.path.join(output, video_id + ".npy")
-
-
-def _decode_and_save(job):
-    video_id, path, output, fps = job
-    try:
-        frames = decode_frames(path, fps)
-    except VideoError as e:
-        return video_id, path, 0, str(e)
-    target = _frames_path(output, video_id)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with atomic_path(target) as tmp, open(tmp, "wb") as f:
-        np.save(f, frames)
-    return video_id, path, len(frames), None
-
-
 def main():
     args = get_args_parser().parse_args()
-    if args.fps <= 0:
-        raise UserError("--fps must be positive")
+    if args.fps <= 0 or args.workers < 0:
+        raise UserError("--fps must be positive, --workers non-negative")
     videos = read_video_list(args.video_list)
     failures_path = args.failures or os.path.join(args.output, "failures.tsv")
     check_failures_path(failures_path)
     os.makedirs(args.output, exist_ok=True)
-    # temporaries of atomic_path ('.<id>.npy.<random>.tmp') left by a killed run
-    for stale in glob.glob(os.path.join(args.output, "**", ".*.npy.*.tmp"), recursive=True):
-        os.remove(stale)
+    remove_stale_frames(args.output)
 
-    todo = [(vid, path) for vid, path in videos if not os.path.exists(_frames_path(args.output, vid))]
+    todo = [(video_id, path) for video_id, path in videos if not os.path.exists(frames_path(args.output, video_id))]
     print(f"{len(videos)} videos, {len(videos) - len(todo)} already done, {len(todo)} to decode")
-    jobs = [(vid, path, args.output, args.fps) for vid, path in todo]
-    start, num_frames, failures = time.time(), 0, []
-    if args.workers > 0 and len(jobs) > 1:
-        import multiprocessing
-        pool = multiprocessing.Pool(args.workers)
-        results = pool.imap_unordered(_decode_and_save, jobs)
-    else:
-        pool, results = None, map(_decode_and_save, jobs)
-    for video_id, path, count, error in tqdm(results, total=len(jobs), unit="video"):
-        if error is not None:
-            tqdm.write(f"skipping {video_id} ({path}): {error}", file=sys.stderr)
-            failures.append((video_id, path, error))
-        num_frames += count
-    if pool is not None:
-        pool.close()
-        pool.join()
+
+    def decode(video_id, path):  # in a lane: one item, the video's number of frames
+        return video_items(video_id, path, lambda: [save_frames(args.output, video_id, path, args.fps)])
+
+    start, num_frames, failures, count = time.time(), 0, [], 0
+    with tqdm(total=len(todo), unit="video") as bar:
+        for video_id, path, frames, error in videos_in_lanes(todo, decode, args.workers):
+            if frames is not None:
+                count = frames
+                continue
+            if error is not None:
+                tqdm.write(f"skipping {video_id} ({path}): {error}", file=sys.stderr)
+                failures.append((video_id, path, error))
+            else:
+                num_frames += count
+            bar.update()
 
     elapsed = time.time() - start
     write_failures(failures_path, failures)
-    print(f"decoded {len(jobs) - len(failures)} videos ({num_frames} frames, "
+    print(f"decoded {len(todo) - len(failures)} videos ({num_frames} frames, "
           f"{num_frames / max(elapsed, 1e-9):.1f} frames/s), skipped {len(videos) - len(todo)} already done, "
           f"failed {len(failures)}" + (f" (listed in {failures_path})" if failures else ""))
 

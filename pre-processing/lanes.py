@@ -1,4 +1,5 @@
-"""The worker processes of extract_features.py: `lanes` forked processes,
+"""The one worker pool of the pre-processing (extract_features.py's decoders
+and CNN lanes, extract_frames.py's decoders): `lanes` forked processes,
 each working on one video at a time and passing on its results piece by
 piece (a window of frames, say), so that a long video never has to be held
 whole. Unlike a DataLoader's workers, one that
@@ -164,3 +165,13 @@ def run_in_lanes(function, count, lanes, init=None, on_death=None, ahead=2):
     finally:
         for lane in workers:
             lane.stop()
+
+
+def videos_in_lanes(videos, produce, lanes, init=None):
+    """run_in_lanes over `videos` [(id, path)]: produce(video_id, path)
+    yields a video's items (video_id, path, piece, error), as
+    video.video_items makes them, in a lane; they come back in the order of
+    `videos`. A lane that dies adds (video_id, path, None, cause) after the
+    items it passed on, so its video ends as one that failed."""
+    return run_in_lanes(lambda index: produce(*videos[index]), len(videos), lanes, init,
+                        lambda index, cause: (*videos[index], None, cause))

@@ -19,7 +19,7 @@ SCRIPTS = os.path.join(ROOT, "pre-processing")
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 
 import sharding  # noqa: E402  (pre-processing/ is on pytest.ini's pythonpath)
-from h5_writer import OutputLock, PartWriter, check_video_ids, dataset_names, read_settings  # noqa: E402
+from writer import OutputLock, PartWriter, check_video_ids, dataset_names, read_settings  # noqa: E402
 from utils import Distributed, UserError, read_features  # noqa: E402
 from test_preprocessing import run_script, write_list  # noqa: E402
 
@@ -204,6 +204,38 @@ def test_float16_round_trip(reference, pca_params, tmp_path):
     np.testing.assert_array_equal(pca16["carphone_distorted"], pca32["carphone_distorted"].astype(np.float16))
 
 
+def test_extract_in_memory_equals_what_the_scripts_write(reference, pca_params, tmp_path):
+    """pipeline.extract(), a search-style caller's way in, writes no file and
+    gives, bit for bit, what extract_features.py (+ pca.py --apply) stores,
+    with the settings extraction_settings() names."""
+    from cnn import RANDOM_WEIGHTS
+    from pipeline import extract, extraction_settings
+    run_script("pca.py", "--apply", reference["output"], "--params", pca_params, "--components", "8",
+               "--output", tmp_path / "applied.h5")
+    applied, applied_settings = read_h5(tmp_path / "applied.h5")
+    videos = VIDEOS[:2]
+    common = dict(fps=1.0, weights=RANDOM_WEIGHTS, device="cpu", batch_size=4, workers=1)
+    features = list(extract(videos, **common))
+    whitened = list(extract(videos, **common, pca_params=str(pca_params), components=8))
+    assert [video_id for video_id, _ in features] == [video_id for video_id, _ in videos]
+    for (video_id, imac), (_, pca) in zip(features, whitened):
+        assert imac.dtype == np.float32 and imac.shape == reference["features"][video_id].shape
+        np.testing.assert_array_equal(imac, reference["features"][video_id])
+        assert pca.shape == (len(imac), 8)
+        np.testing.assert_array_equal(pca, applied[video_id])
+    assert extraction_settings(fps=1.0, weights=RANDOM_WEIGHTS) == reference["settings"]
+    assert extraction_settings(fps=1.0, weights=RANDOM_WEIGHTS, pca_params=str(pca_params),
+                               components=8) == applied_settings
+    assert os.listdir(tmp_path) == ["applied.h5"]
+    # a video that cannot be decoded: one line naming it, or handed to on_error and skipped
+    missing = str(tmp_path / "missing.mp4")
+    with pytest.raises(UserError, match=f"^{missing}: file not found$"):
+        list(extract([missing], **common))
+    failed = []
+    assert list(extract([missing], **common, on_error=lambda *failure: failed.append(failure))) == []
+    assert failed == [(missing, missing, "file not found")]
+
+
 def test_pca_apply_onto_its_input_is_refused(reference, pca_params):
     result = run_script("pca.py", "--apply", reference["output"], "--params", pca_params,
                         "--output", reference["output"], check=False)
@@ -283,21 +315,21 @@ def test_failures_never_overwrite_or_remove_a_file_this_program_did_not_write(tm
 # --bf16 auto
 
 def test_bf16_auto_is_on_with_amx_without_timing(tmp_path):
-    import extract_features
+    import cnn
     import torch
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n")
     # no model is run: AMX settles it
-    assert extract_features.bf16_is_faster(None, torch.device("cpu"), False, 8, 1, str(tmp_path / "cpuinfo")) \
+    assert cnn.bf16_is_faster(None, torch.device("cpu"), False, 8, 1, str(tmp_path / "cpuinfo")) \
         == (True, "the CPU has AMX")
 
 
 def test_bf16_auto_times_both_elsewhere(tmp_path):
-    import extract_features
+    import cnn
     import torch
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
-    model = extract_features.build_extractor("imac", random_weights=True)
+    model = cnn.build_extractor("imac", cnn.RANDOM_WEIGHTS)
     threads = torch.get_num_threads()
-    faster, why = extract_features.bf16_is_faster(model, torch.device("cpu"), False, 2, 1, str(tmp_path / "cpuinfo"))
+    faster, why = cnn.bf16_is_faster(model, torch.device("cpu"), False, 2, 1, str(tmp_path / "cpuinfo"))
     assert isinstance(faster, bool) and why.startswith("bf16 ") and "vs fp32" in why
     assert torch.get_num_threads() == threads
 

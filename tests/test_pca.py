@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-import pca
+import whitening
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pre-processing", "pca.py")
 
@@ -58,8 +58,8 @@ def test_unusable_parameters_are_refused(features, tmp_path):
                 "nan.npz": "the PCA parameters hold non-finite values", "shape.npz": "inconsistent shapes",
                 "truncated.npz": "not a PCA parameters file"}
     for name, message in messages.items():
-        with pytest.raises(pca.UserError, match=message):
-            pca.load_params(str(tmp_path / name))
+        with pytest.raises(whitening.UserError, match=message):
+            whitening.load_params(str(tmp_path / name))
 
 
 def test_a_one_dimensional_first_dataset_is_one_line(tmp_path):

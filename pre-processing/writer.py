@@ -1,5 +1,5 @@
-"""Resumable HDF5 output for the pre-processing scripts: one dataset per video
-id, written so that killing the process at any moment loses at most the last
+"""Resumable HDF5 output for the pre-processing scripts (extraction and PCA
+alike, one ResumableH5Writer protocol): one dataset per video id, written so that killing the process at any moment loses at most the last
 `checkpoint_every` seconds of work and never leaves a truncated dataset.
 
 HDF5 files are not crash-safe while open for writing, so finished videos are
@@ -15,6 +15,8 @@ Every file records, as HDF5 attributes of its root group, the settings that
 change its features (fps, weights, PCA, dtype, ...): a re-run with other
 settings is refused instead of mixing two kinds of features in one file. One
 run at a time writes an output: it holds OUT.h5.lock, which names its PID.
+Under horovodrun rank 0 holds the lock, reads what is done and merges; every
+rank writes its own parts (sharding.py).
 """
 import contextlib
 import fcntl
@@ -32,7 +34,9 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import UserError, atomic_path, open_features  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from utils import Distributed, UserError, atomic_path, open_features  # noqa: E402
+import sharding  # noqa: E402
 
 PART_PATTERN = re.compile(r"part-[0-9a-f]{8}-\d{4}-\d{6}\.h5")
 
@@ -302,26 +306,42 @@ def merge_parts(output, settings):
 
 
 class ResumableH5Writer:
-    """Collects (video_id, array) pairs into `output`, in one process: takes
-    the output's lock, refuses an output made with other `settings` (a dict
-    of flag name -> value, recorded in every file), skips nothing itself but
-    answers `video_id in writer` for what is done.
+    """The one way the pre-processing writes an output: collects (video_id,
+    array) pairs into `output`. Rank 0 takes the output's lock, lets
+    settle(recorded settings) fill in what it decides from them (--bf16
+    auto), refuses an output made with other `settings` (a dict of flag name
+    -> value, recorded in every file) and reads which ids are done; every
+    rank of `dist` (None: this process alone) learns them, and answers
+    `video_id in writer`, and writes its own parts.
 
-    Use as a context manager: a clean exit merges everything into `output`;
-    an exception (including KeyboardInterrupt) only saves the finished videos,
-    for the next run to pick up.
+    Use as a context manager: a clean exit (or finish()) merges everything
+    into `output`; an exception (including KeyboardInterrupt) only saves the
+    finished videos, for the next run to pick up.
     """
 
-    def __init__(self, output, checkpoint_every=60.0, settings=None):
+    def __init__(self, output, checkpoint_every=60.0, settings=None, dist=None, settle=None):
         self.output = os.fspath(output)
+        self.dist = dist or Distributed(None, 0, 1, 0, 1)
         self.settings = dict(settings or {})
-        self._lock = OutputLock(self.output).acquire()
+        self._lock, self._finished = OutputLock(self.output), False
+
+        def prepare():  # rank 0
+            self._lock.acquire()
+            try:
+                if settle is not None:
+                    self.settings.update(settle(recorded_settings(self.output)))
+                return self._lock.holder, scan_output(self.output, self.settings), new_run_id(), self.settings
+            except BaseException:
+                self._lock.release()
+                raise
+
+        holder, self.done, run, self.settings = sharding.on_rank0(self.dist, prepare)
         try:
-            self.done = scan_output(self.output, self.settings)
+            sharding.check_shared_directory(self.dist, self._lock.path, holder)
         except BaseException:
             self._lock.release()
             raise
-        self._parts = PartWriter(self.output, self.settings, checkpoint_every)
+        self._parts = PartWriter(self.output, self.settings, checkpoint_every, run, self.dist.rank)
 
     def __contains__(self, video_id):
         return video_id in self.done
@@ -333,26 +353,31 @@ class ResumableH5Writer:
     def flush(self):
         self._parts.flush()
 
-    def close(self):
-        """Flush, then merge `output` and the parts into a new `output`."""
-        try:
-            self.flush()
-            merge_parts(self.output, self.settings)
-        finally:
-            self._release()
+    def finish(self, report=None):
+        """Flush, wait for every rank, and on rank 0 merge `output` and every
+        rank's parts into a new `output`. Returns every rank's `report` (a
+        picklable value), in rank order, to rank 0, and None to the others."""
+        self._finished = True
+        self.flush()
+        ranks = sharding.gather(self.dist, (self._parts.written, report))
+        if self.dist.rank != 0:
+            return None
+        sharding.check_parts_visible([part for parts, _ in ranks for part in parts])
+        merge_parts(self.output, self.settings)
+        return [report for _, report in ranks]
+
+    def release(self):
+        self._lock.release()
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            try:
-                self.flush()
-            finally:
-                self._release()
+        try:
+            if exc_type is None and not self._finished:
+                self.finish()
+            elif exc_type is not None:
+                self.flush()  # the finished videos are kept
+        finally:
+            self.release()
         return False
-
-    def _release(self):
-        self._lock.release()
