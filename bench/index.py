@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from bench.common import Target, fmt, interleaved, per_round, summary, table
+from index_store import new_faiss_index
 from metrics import average_precision
 
 BANDS = (0.95, 0.83, 0.71, 0.59, 0.47, 0.35)  # cosine of a planted copy to its query
@@ -108,13 +109,7 @@ def _unit(x):
 
 
 def build(factory, collection, train_size):
-    import faiss
-    index = faiss.index_factory(collection.size["channels"], factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and hasattr(faiss.downcast_index(ivf), "pq"):
-        # 64 points per code (FAISS's default: 256) trains the 128 sub-quantizers
-        # in a quarter of the time: at 256, training alone took 475 s here (NOTES)
-        faiss.downcast_index(ivf).pq.cp.max_points_per_centroid = 64
+    index = new_faiss_index(factory, collection.size["channels"])  # as index.py makes it
     if not index.is_trained:
         index.train(collection.sample(train_size))
     for _, videos in collection.chunks():

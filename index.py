@@ -1,0 +1,211 @@
+"""Index a collection of videos for search.py: TCA_c embeddings in a FAISS
+index, TCA frame embeddings in a frame store for re-ranking a shortlist.
+
+    python index.py --model_path runs/tca/model.pth --feature_path mine.h5 --pca_params pca.npz --index_dir IDX
+    python index.py --model_path runs/tca/model.pth --feature_path more.h5 --index_dir IDX --add
+
+The features are pca.py --apply's output (one (T, C) dataset per video id).
+Each video is encoded exactly as evaluation.py encodes it (chunks of at most
+--padding_size frames; retrieval.encode_videos). The index holds a copy of
+the checkpoint and of the PCA parameters and a manifest of how it was made
+(index_store.py: the layout), so search.py needs nothing else, and refuses a
+query made another way.
+
+Resumable: the embeddings are written in parts every --checkpoint_every
+seconds, so a killed run loses at most that much work; running the same
+command again skips the videos already in IDX and finishes. The FAISS index
+is (re)built from the parts at the end. One run at a time writes IDX (it
+holds IDX/index.lock).
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+import index_store
+from retrieval import PADDING_SIZE, encode_videos, load_model
+from utils import (FRAMES_PER_BATCH, UserError, check_outputs_apart, check_writable, load_checkpoint, local_device,
+                   init_distributed, open_features, run_main)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pre-processing"))
+from writer import OutputLock, dataset_names, file_digest, read_settings  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Index videos for search.py (TCA_c FAISS index + TCA frame store).")
+    parser.add_argument("--model_path", required=True,
+                        help="TCA checkpoint (train.py's model.pth; a bare state dict takes its architecture from "
+                             "the args.json beside it); copied into the index")
+    parser.add_argument("--feature_path", required=True,
+                        help="HDF5 file of PCA-whitened frame features (pca.py --apply), one (T, C) dataset per video")
+    parser.add_argument("--pca_params", default=None,
+                        help="The PCA parameters the features were whitened with (pca.py --learn): copied into the "
+                             "index for video-file queries, and checked against the hash the features record")
+    parser.add_argument("--index_dir", required=True, help="Folder of the index (made if missing)")
+    parser.add_argument("--index_factory", default=None,
+                        help="FAISS index_factory string of the first stage, e.g. Flat (exact), IVF1024,PQ128, "
+                             f"HNSW32 (default: by collection size, Flat up to {index_store.EXACT_UP_TO:,} videos, "
+                             "else IVF1024,PQ128; bench/NOTES.md 'Choosing the index'). Fixed when the index is first "
+                             "built; --add keeps it")
+    parser.add_argument("--padding_size", type=int, default=PADDING_SIZE,
+                        help="Encode videos in chunks of at most this many frames, as evaluation.py "
+                             "(0: whole); recorded, and used for every query (default: %(default)s)")
+    parser.add_argument("--frame_dtype", default="float16", choices=("float16", "float32"),
+                        help="Precision of the stored frame embeddings (float16: half the disk; chamfer scores "
+                             "move by ~1e-3) (default: %(default)s)")
+    parser.add_argument("--add", action="store_true",
+                        help="Add the videos of --feature_path to an index already built (ids already in it are "
+                             "skipped); without it an existing finished index is refused")
+    parser.add_argument("--checkpoint_every", type=float, default=60.0,
+                        help="Seconds of encoding between two parts written to disk: what a kill loses at most "
+                             "(default: %(default)s)")
+    parser.add_argument("--frames_per_batch", type=int, default=FRAMES_PER_BATCH,
+                        help="Padded frames encoded per forward pass, bounds memory (default: %(default)s)")
+    parser.add_argument("--train_size", type=int, default=100_000,
+                        help="Embeddings (evenly spaced over the collection) that train an IVF/PQ index "
+                             "(default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    return parser
+
+
+def index_settings(model_path, model_args, feature_settings, pca_digest, padding_size, frame_dtype):
+    """What a query must share with the index, as the manifest records it."""
+    return {"model_sha256": index_store.sha256(model_path), "model_args": index_store.jsonable(model_args),
+            "features": index_store.jsonable(feature_settings), "pca_params": pca_digest,
+            "padding_size": padding_size, "frame_dtype": frame_dtype}
+
+
+def encode_into_parts(model, features, keys, lengths, index_dir, padding_size, frame_dtype, frames_per_batch,
+                      device, checkpoint_every):
+    """Encode the videos `keys` and write them as parts of index_dir, one
+    every checkpoint_every seconds; returns the number of videos written."""
+    pending, written, last = ([], [], []), 0, time.monotonic()
+
+    def flush():
+        nonlocal pending, written, last
+        if pending[0]:
+            index_store.write_part(index_dir, pending[0], np.concatenate(pending[1]), pending[2], frame_dtype)
+            written += len(pending[0])
+        pending, last = ([], [], []), time.monotonic()
+
+    for batch in encode_videos(model, features, keys, lengths, video_level=True, frame_level=True,
+                               padding_size=padding_size, frames_per_batch=frames_per_batch, device=device,
+                               desc="indexing"):
+        pending[0].extend(keys[i] for i in batch.indices)
+        pending[1].append(batch.embeddings.cpu().numpy())
+        pending[2].extend(batch.frames[n, :batch.num_frames[n]].cpu().numpy() for n in range(len(batch.indices)))
+        if time.monotonic() - last >= checkpoint_every:
+            flush()
+    flush()
+    return written
+
+
+def build_faiss(index_dir, store, factory, train_size):
+    """The FAISS index of every part: index.faiss extended by the parts it
+    does not hold yet, or a new one (trained on evenly spaced embeddings)."""
+    path = os.path.join(index_dir, index_store.FAISS_FILE)
+    index = index_store.read_faiss(index_dir) if os.path.isfile(path) else None
+    if index is not None and index.ntotal not in store.part_starts:
+        index = None  # not a whole number of parts: rebuild
+    if index is None:
+        channels = store.part_embeddings(0).shape[1]
+        index = index_store.new_faiss_index(factory, channels)
+        if not index.is_trained:
+            total = len(store.ids)
+            rows = np.linspace(0, total - 1, min(train_size, total)).astype(np.int64)
+            print(f"training {factory} on {len(rows):,} of {total:,} embeddings")
+            index.train(store.embeddings(rows))
+    first = int(np.searchsorted(store.part_starts, index.ntotal))
+    for number in range(first, len(store.paths)):
+        index.add(store.part_embeddings(number))
+    index_store.write_faiss(index, index_dir)
+    return index
+
+
+def main():
+    args = get_args_parser().parse_args()
+    if args.padding_size < 0 or args.frames_per_batch < 1 or args.checkpoint_every < 0 or args.train_size < 1:
+        raise UserError("--padding_size and --checkpoint_every must be >= 0, --frames_per_batch and --train_size >= 1")
+    check_outputs_apart({"--index_dir": args.index_dir},
+                        {"--model_path": args.model_path, "--feature_path": args.feature_path,
+                         "--pca_params": args.pca_params})
+    if os.path.exists(args.index_dir) and not os.path.isdir(args.index_dir):
+        raise UserError(f"{args.index_dir}: exists and is not a folder")
+    check_writable(os.path.join(args.index_dir, index_store.MANIFEST))
+    dist = init_distributed()
+    device = local_device(dist, args.device)
+    _, model_args = load_checkpoint(args.model_path)
+    model = load_model(args.model_path, {}, device)  # model_args None: a bare state dict (its SHA-256 names it)
+
+    with OutputLock(os.path.join(args.index_dir, "index")), open_features(args.feature_path) as features:
+        feature_settings = read_settings(features)
+        pca_digest = None
+        if args.pca_params is not None:
+            if not os.path.isfile(args.pca_params):
+                raise UserError(f"{args.pca_params}: PCA parameters not found")
+            pca_digest = file_digest(args.pca_params)
+            recorded = feature_settings.get("pca_params")
+            if recorded not in (None, pca_digest):
+                raise UserError(f"{args.pca_params}: is not the PCA the features were whitened with "
+                                f"({args.feature_path} records pca_params {recorded}, this file is {pca_digest})")
+        settings = index_settings(args.model_path, model_args, feature_settings, pca_digest, args.padding_size,
+                                  args.frame_dtype)
+        manifest_path = os.path.join(args.index_dir, index_store.MANIFEST)
+        if os.path.isfile(manifest_path):
+            manifest = index_store.read_manifest(args.index_dir)
+            index_store.check_same(manifest_path, manifest["settings"], settings)
+            if manifest.get("complete") and not args.add:
+                raise UserError(f"{args.index_dir}: already holds an index of {manifest['videos']:,} videos; "
+                                "--add adds the videos of --feature_path to it")
+            if args.index_factory and manifest.get("index_factory") not in (None, args.index_factory):
+                raise UserError(f"{args.index_dir}: was built with --index_factory {manifest['index_factory']}, "
+                                f"not {args.index_factory}")
+        else:
+            if args.add:
+                raise UserError(f"{args.index_dir}: no index to add to (drop --add to build one)")
+            manifest = {"format": index_store.FORMAT, "settings": settings, "complete": False,
+                        "index_factory": None, "videos": 0, "frames": 0}
+            index_store.copy_file(args.model_path, os.path.join(args.index_dir, index_store.MODEL_FILE))
+            if args.pca_params is not None:
+                index_store.copy_file(args.pca_params, os.path.join(args.index_dir, index_store.PCA_FILE))
+            index_store.write_manifest(args.index_dir, manifest)
+        manifest["complete"] = False  # until the FAISS index holds every part
+        index_store.write_manifest(args.index_dir, manifest)
+
+        store = index_store.FrameStore(args.index_dir)
+        done = set(store.ids)
+        names = dataset_names(features)
+        keys = [v for v in names if v not in done]
+        if len(keys) < len(names):
+            print(f"{len(names) - len(keys):,} of {len(names):,} videos of {args.feature_path} are already indexed")
+        lengths = np.array([features[k].shape[0] for k in keys], dtype=np.int64)
+        empty = [k for k, t in zip(keys, lengths) if t == 0]
+        if empty:
+            print(f"warning: {len(empty)} videos have no frames (e.g. {empty[0]}); they are left out")
+            keys, lengths = [k for k, t in zip(keys, lengths) if t > 0], lengths[lengths > 0]
+        started = time.perf_counter()
+        written = encode_into_parts(model, features, keys, lengths, args.index_dir, args.padding_size,
+                                    args.frame_dtype, args.frames_per_batch, device, args.checkpoint_every)
+        encode_seconds = time.perf_counter() - started
+
+        store.close()
+        store = index_store.FrameStore(args.index_dir)
+        if not store.ids:
+            raise UserError(f"{args.feature_path}: no video with frames to index")
+        factory = manifest.get("index_factory") or args.index_factory or index_store.default_factory(len(store.ids))
+        started = time.perf_counter()
+        index = build_faiss(args.index_dir, store, factory, args.train_size)
+        faiss_seconds = time.perf_counter() - started
+        frames = int(sum(store.frames_count(i) for i in range(len(store.paths))))
+        store.close()
+        manifest.update(complete=True, index_factory=factory, videos=int(index.ntotal), frames=frames,
+                        parts=len(store.paths), default_nprobe=index_store.DEFAULT_NPROBE)
+        index_store.write_manifest(args.index_dir, manifest)
+    print(f"indexed {written:,} videos in {encode_seconds:.1f} s, FAISS {factory} in {faiss_seconds:.1f} s: "
+          f"{args.index_dir} holds {index.ntotal:,} videos, {frames:,} frames")
+
+
+if __name__ == "__main__":
+    run_main(main)

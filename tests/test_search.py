@@ -1,0 +1,201 @@
+"""index.py + search.py on a tiny collection: the two stages agree with
+evaluation.py's exhaustive scores, a killed build resumes to the same index,
+and anything made with other settings is refused in one line."""
+import json
+import os
+import pickle
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import evaluation
+import index
+import index_store
+import search
+from model import build_model
+from utils import load_similarities
+
+C = 16
+DATABASE = ["a", "b", "n1", "n2", "n3", "n4", "n5", "n6"]
+
+
+def run(module, argv, capsys):
+    """Run an entry point's main in-process; returns (exit status, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = [module.__name__ + ".py"] + [str(a) for a in argv]
+    try:
+        module.run_main(module.main)
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """Features of 2 queries (q1, q2) and 8 database videos (a: q1's copy, b:
+    q2 reversed), split into a query file and a database file with the same
+    recorded settings, fivr.pickle of the whole, and a TCA checkpoint."""
+    root = tmp_path_factory.mktemp("search")
+    rng = np.random.default_rng(0)
+    lengths = {"q1": 23, "q2": 9, "a": 23, "b": 9, "n1": 31, "n2": 5, "n3": 17, "n4": 1, "n5": 12, "n6": 40}
+    videos = {v: rng.standard_normal((t, C)).astype(np.float32) for v, t in lengths.items()}
+    videos["a"] = videos["q1"] + 0.1 * rng.standard_normal((23, C)).astype(np.float32)
+    videos["b"] = videos["q2"][::-1].copy()
+    settings = {"fps": 1.0, "weights": "random:seed0", "components": C, "pca_params": "sha256:0123456789abcdef"}
+    for name, ids in (("all", list(videos)), ("queries", ["q1", "q2"]), ("database", DATABASE)):
+        with h5py.File(root / f"{name}.h5", "w") as f:
+            f.attrs.update(settings)
+            for v in ids:
+                f[v] = videos[v]
+    with open(root / "fivr.pickle", "wb") as f:
+        pickle.dump({"5k": {"queries": ["q1", "q2"], "database": set(DATABASE)},
+                     "annotation": {"q1": {"ND": ["a"]}, "q2": {"DS": ["b"], "IS": ["n3"]}}}, f)
+    model_args = {"aggregator": "tca", "feature_size": C, "num_layers": 1, "num_clusters": 4, "output_dim": C,
+                  "normalize_input": False, "dropout": 0.0}
+    torch.manual_seed(0)
+    torch.save({"model": build_model(**model_args).eval().state_dict(), "model_args": model_args},
+               root / "model.pth")
+    return root
+
+
+def build(case, capsys, index_dir, *extra):
+    status, out, err = run(index, ["--model_path", case / "model.pth", "--feature_path", case / "database.h5",
+                                   "--index_dir", index_dir, "--padding_size", 10, "--device", "cpu", *extra], capsys)
+    assert status == 0, err
+    return out
+
+
+def search_json(case, capsys, index_dir, tmp_path, *extra):
+    status, out, err = run(search, ["--index_dir", index_dir, "--query_features", case / "queries.h5",
+                                    "--device", "cpu", "--json_out", tmp_path / "r.json", *extra], capsys)
+    assert status == 0, err
+    return json.loads((tmp_path / "r.json").read_text()), out
+
+
+def evaluate(case, capsys, tmp_path, metric):
+    status, _, err = run(evaluation, ["--dataset", "FIVR-5K", "--annotation_dir", case, "--feature_path",
+                                      case / "all.h5", "--model_path", case / "model.pth", "--padding_size", 10,
+                                      "--metric", metric, "--device", "cpu", "--save_similarities",
+                                      tmp_path / f"{metric}.npz"], capsys)
+    assert status == 0, err
+    return load_similarities(str(tmp_path / f"{metric}.npz"))
+
+
+def test_exact_index_ranks_as_evaluation_cosine(case, capsys, tmp_path):
+    out = build(case, capsys, tmp_path / "idx")
+    assert "holds 8 videos" in out
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["index_factory"] == "Flat" and manifest["settings"]["padding_size"] == 10
+    assert manifest["settings"]["features"]["pca_params"] == "sha256:0123456789abcdef"
+    results, out = search_json(case, capsys, tmp_path / "idx", tmp_path, "--rerank", "none", "--k", 8)
+    queries, database, cosine = evaluate(case, capsys, tmp_path, "cosine")
+    for i, q in enumerate(queries):
+        expected = [database[j] for j in np.argsort(-cosine[i], kind="stable")]
+        assert list(results[q]) == expected
+        np.testing.assert_allclose([results[q][v] for v in expected], np.sort(cosine[i])[::-1], atol=1e-5)
+    assert "stage 1 (TCA_c top-8, Flat)" in out
+
+
+def test_whole_database_shortlist_chamfer_equals_evaluation(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "idx", "--frame_dtype", "float32")
+    queries, database, chamfer = evaluate(case, capsys, tmp_path, "chamfer")
+    for rerank, atol in (("chamfer", 1e-5),):
+        results, _ = search_json(case, capsys, tmp_path / "idx", tmp_path, "--rerank", rerank, "--k", 8,
+                                 "--shortlist", 8)
+        for i, q in enumerate(queries):
+            np.testing.assert_allclose([results[q][v] for v in database], chamfer[i], atol=atol)
+    # float16 frames (the default) move the scores by about 1e-3
+    build(case, capsys, tmp_path / "idx16")
+    results, _ = search_json(case, capsys, tmp_path / "idx16", tmp_path, "--k", 8, "--shortlist", 8)
+    for i, q in enumerate(queries):
+        np.testing.assert_allclose([results[q][v] for v in database], chamfer[i], atol=5e-3)
+
+
+def test_query_ids_of_the_index_and_plots(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "idx", "--frame_dtype", "float32")
+    status, out, err = run(search, ["--index_dir", tmp_path / "idx", "--query_ids", "a", "--k", 3,
+                                    "--plot", tmp_path / "plots", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert out.splitlines()[2].split()[:2] == ["1", "1.0000"] and out.splitlines()[2].split()[-1] == "a"
+    assert (tmp_path / "plots" / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_json_out_evaluates_with_evaluation_similarities(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "idx")
+    search_json(case, capsys, tmp_path / "idx", tmp_path, "--k", 3)
+    status, out, err = run(evaluation, ["--dataset", "FIVR-5K", "--annotation_dir", case, "--similarities",
+                                        tmp_path / "r.json", "--protocol", "full"], capsys)
+    assert status == 0, err
+    assert "DSVR" in out
+
+
+def test_killed_build_resumes_to_the_same_index(case, capsys, tmp_path, monkeypatch):
+    build(case, capsys, tmp_path / "clean", "--frames_per_batch", 40)  # the same batches: the same rounding
+    written = []
+    real_write_part = index_store.write_part
+
+    def killed_after_two(*args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # as a kill between two checkpoints
+        written.append(real_write_part(*args, **kwargs))
+        return written[-1]
+    monkeypatch.setattr(index_store, "write_part", killed_after_two)
+    status, _, _ = run(index, ["--model_path", case / "model.pth", "--feature_path", case / "database.h5",
+                               "--index_dir", tmp_path / "killed", "--padding_size", 10, "--device", "cpu",
+                               "--checkpoint_every", 0, "--frames_per_batch", 40], capsys)
+    assert status == 130
+    monkeypatch.setattr(index_store, "write_part", real_write_part)
+    assert len(index_store.part_paths(tmp_path / "killed")) == 2
+    assert not (tmp_path / "killed" / "index.faiss").exists()
+    status, _, err = run(search, ["--index_dir", tmp_path / "killed", "--query_ids", "a"], capsys)
+    assert status == 2 and "unfinished" in err
+    out = build(case, capsys, tmp_path / "killed", "--checkpoint_every", 0, "--frames_per_batch", 40)
+    assert "are already indexed" in out
+    clean, resumed = index_store.FrameStore(tmp_path / "clean"), index_store.FrameStore(tmp_path / "killed")
+    assert sorted(clean.ids) == sorted(resumed.ids) == sorted(DATABASE)
+    for v in DATABASE:
+        i, j = clean.position[v], resumed.position[v]
+        np.testing.assert_array_equal(clean.embeddings([i]), resumed.embeddings([j]))
+        np.testing.assert_array_equal(clean.frames(i), resumed.frames(j))
+    assert search_json(case, capsys, tmp_path / "clean", tmp_path)[0] == \
+        search_json(case, capsys, tmp_path / "killed", tmp_path)[0]
+
+
+def test_add_new_videos(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "idx")
+    status, _, err = run(index, ["--model_path", case / "model.pth", "--feature_path", case / "queries.h5",
+                                 "--index_dir", tmp_path / "idx", "--padding_size", 10], capsys)
+    assert status == 2 and "--add adds the videos" in err
+    out = build(case, capsys, tmp_path / "idx", "--add", "--feature_path", case / "queries.h5")
+    assert "holds 10 videos" in out
+    results, _ = search_json(case, capsys, tmp_path / "idx", tmp_path, "--k", 1)
+    assert results["q1"] == pytest.approx({"q1": 1.0}, abs=1e-3)
+
+
+def test_other_settings_are_refused(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "idx")
+    status, _, err = run(index, ["--model_path", case / "model.pth", "--feature_path", case / "queries.h5",
+                                 "--index_dir", tmp_path / "idx", "--padding_size", 20, "--add"], capsys)
+    assert status == 2 and err.strip().endswith("made with padding_size=10, not 20")
+    other = tmp_path / "other.h5"
+    with h5py.File(case / "queries.h5", "r") as src, h5py.File(other, "w") as f:
+        f.attrs.update(src.attrs)
+        f.attrs["fps"] = 2.0
+        f["q1"] = src["q1"][()]
+    status, _, err = run(search, ["--index_dir", tmp_path / "idx", "--query_features", other,
+                                  "--json_out", tmp_path / "r.json"], capsys)
+    assert status == 2 and err == f"error: {other}: made with fps=2.0, not 1.0 as the index's\n"
+    assert not (tmp_path / "r.json").exists()
+    status, _, err = run(search, ["--index_dir", tmp_path / "idx", "--query_ids", "nope"], capsys)
+    assert status == 2 and "no video 'nope' in the index" in err
+    for part in index_store.part_paths(tmp_path / "idx"):
+        os.remove(part)
+    status, _, err = run(search, ["--index_dir", tmp_path / "idx", "--query_ids", "a"], capsys)
+    assert status == 2 and "the frame store holds 0 videos" in err and len(err.splitlines()) == 1
