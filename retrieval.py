@@ -431,5 +431,34 @@ def rerank_shortlists(model, features, query_keys, query_lengths, database_keys,
             videos = [batch.frames[n, :batch.num_frames[n]] for n, _ in hits]
             fine[q, [slot for _, slot in hits]] = frame_scores(query_frames[q], videos, metric, device,
                                                                frames_per_batch)
-            pairs += len(query_frames[q]) * sum(len(v) for v in videos)
+            pairs += int(query_lengths[q]) * sum(int(database_lengths[needed[batch.indices[n]]]) for n, _ in hits)
     return fine, pairs
+
+
+def shortlist_similarities(model, benchmark, feature_path, metric, shortlist, padding_size=PADDING_SIZE,
+                           frames_per_batch=FRAMES_PER_BATCH, device="cpu"):
+    """evaluation.py --shortlist: the benchmark scored as search.py scores a
+    collection, exhaustively measured. TCA_c of every pair, then each query's
+    top-`shortlist` re-scored by the frame-level `metric` and ranked above the
+    rest (shortlist_ranking). Returns (query ids, database ids, {metric:
+    (Q, D)}, stats: model_similarities' (of the cosine pass) plus the frame
+    pairs compared and those of an exhaustive `metric`)."""
+    with open_features(feature_path) as features:
+        query_ids, database_ids, similarities, stats = model_similarities(
+            model, features, feature_path, benchmark, ["cosine"], padding_size, frames_per_batch, device)
+        coarse = similarities["cosine"]
+
+        def located(ids):  # the keys and lengths find_features found (it has warned about the others)
+            keys = [next(k for k in benchmark.feature_keys(v) if k in features) for v in ids]
+            return keys, np.array([features[k].shape[0] for k in keys], dtype=np.int64)
+        query_keys, query_lengths = located(query_ids)
+        database_keys, database_lengths = located(database_ids)
+        t0 = time.perf_counter()
+        shortlists = np.argsort(-coarse, axis=1, kind="stable")[:, :min(shortlist, len(database_ids))]  # (Q, K)
+        fine, pairs = rerank_shortlists(model, features, query_keys, query_lengths, database_keys, database_lengths,
+                                        shortlists, metric, padding_size, frames_per_batch, device)
+    stats["s_per_query"] += (time.perf_counter() - t0) / len(query_ids)
+    stats["storage_kb_per_video"] = {metric: stats["storage_kb_per_video"]["cosine"]}  # the index; frames on disk
+    stats["frame_pairs"] = pairs
+    stats["exhaustive_frame_pairs"] = int(query_lengths.sum()) * int(database_lengths.sum())
+    return query_ids, database_ids, {metric: shortlist_ranking(coarse, fine, shortlists)}, stats

@@ -199,3 +199,30 @@ def test_other_settings_are_refused(case, capsys, tmp_path):
         os.remove(part)
     status, _, err = run(search, ["--index_dir", tmp_path / "idx", "--query_ids", "a"], capsys)
     assert status == 2 and "the frame store holds 0 videos" in err and len(err.splitlines()) == 1
+
+
+def test_evaluation_shortlist_equals_the_computation_by_hand(case, capsys, tmp_path):
+    queries, database, cosine = evaluate(case, capsys, tmp_path, "cosine")
+    _, _, chamfer = evaluate(case, capsys, tmp_path, "chamfer")
+    base = ["--dataset", "FIVR-5K", "--annotation_dir", case, "--feature_path", case / "all.h5", "--model_path",
+            case / "model.pth", "--padding_size", 10, "--metric", "chamfer", "--device", "cpu"]
+    status, out, err = run(evaluation, base + ["--shortlist", 3, "--save_similarities", tmp_path / "s3.npz"], capsys)
+    assert status == 0, err
+    _, _, shortlisted = load_similarities(str(tmp_path / "s3.npz"))
+    expected = cosine.copy()
+    for i in range(len(queries)):
+        top = np.argsort(-cosine[i], kind="stable")[:3]
+        expected[i, top] = chamfer[i, top] + 3  # above every cosine
+    np.testing.assert_allclose(shortlisted, expected, atol=1e-5)
+    lengths = {"q1": 23, "q2": 9, "a": 23, "b": 9, "n1": 31, "n2": 5, "n3": 17, "n4": 1, "n5": 12, "n6": 40}
+    pairs = sum(lengths[q] * lengths[database[j]] for i, q in enumerate(queries)
+                for j in np.argsort(-cosine[i], kind="stable")[:3])
+    exhaustive = (23 + 9) * sum(lengths[v] for v in database)
+    assert f"shortlist 3: {pairs:,} frame pairs compared, {pairs / exhaustive:.2%} of exhaustive chamfer" in out
+    # a shortlist of the whole database is the exhaustive ranking
+    status, out, err = run(evaluation, base + ["--shortlist", 8, "--json_out", tmp_path / "m8.json"], capsys)
+    assert "100.00% of exhaustive" in out
+    status, _, err = run(evaluation, base + ["--json_out", tmp_path / "m.json"], capsys)
+    assert json.loads((tmp_path / "m8.json").read_text()) == json.loads((tmp_path / "m.json").read_text())
+    status, _, err = run(evaluation, base[:-4] + ["--metric", "cosine", "--shortlist", 3], capsys)
+    assert status == 2 and "--metric chamfer" in err
