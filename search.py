@@ -27,7 +27,7 @@ from utils import (UserError, atomic_path, check_outputs_apart, check_writable, 
                    open_features, run_main)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pre-processing"))
-from writer import dataset_names, file_digest, read_settings  # noqa: E402
+from writer import dataset_names, read_settings  # noqa: E402
 
 
 def get_args_parser():
@@ -97,28 +97,31 @@ def query_videos(args, manifest, store):
 
 
 def extract_videos(args, settings, paths):
-    """Video files -> whitened frame features, with the index's extraction settings."""
-    from pipeline import extract  # pre-processing's library: decode, CNN, PCA, all in memory
+    """Video files -> whitened frame features with exactly the index's
+    extraction settings (its copy of the PCA; a --weights file checked)."""
+    from cnn import IMAGENET_WEIGHTS
+    from pipeline import extract, extraction_settings  # decode, CNN, PCA, all in memory
     recorded = settings["features"]
-    if not recorded or recorded.get("pca_params") in (None, "none"):
-        raise UserError(f"{args.index_dir}: its features record no extraction settings, so a video file cannot "
-                        "be extracted the same way; give --query_features")
-    pca_path = os.path.join(args.index_dir, index_store.PCA_FILE)
-    if not os.path.isfile(pca_path) or file_digest(pca_path) != recorded["pca_params"]:
-        raise UserError(f"{pca_path}: missing or not the PCA the index's features record")
-    weights = recorded["weights"]
-    if weights.startswith("sha256:"):
-        if args.weights is None or file_digest(args.weights) != weights:
-            raise UserError(f"{args.index_dir}: its features used a weights file ({weights}); give that file "
-                            "with --weights")
+    if not isinstance(recorded.get("fps"), (int, float)) or recorded.get("pca_params") in (None, "none"):
+        raise UserError(f"{args.index_dir}: its features record no video extraction settings (fps, PCA), so a "
+                        "video file cannot be extracted the same way; give --query_features")
+    weights = {IMAGENET_WEIGHTS: None}.get(recorded.get("weights"), recorded.get("weights"))
+    if str(weights).startswith("sha256:"):
+        if args.weights is None:
+            raise UserError(f"{args.index_dir}: its features used a weights file ({weights}); give it with --weights")
         weights = args.weights
+    pca_path = os.path.join(args.index_dir, index_store.PCA_FILE)
+    if not os.path.isfile(pca_path):
+        raise UserError(f"{pca_path}: missing (the index was built without --pca_params)")
+    options = dict(fps=recorded["fps"], feature=recorded.get("feature", "imac"), weights=weights,
+                   bf16=bool(recorded.get("bf16")), channels_last=bool(recorded.get("channels_last")),
+                   pca_params=pca_path, components=recorded.get("components"), dtype=recorded.get("dtype", "float32"))
+    index_store.check_same(args.index_dir + " (its features)", recorded,
+                           index_store.jsonable(extraction_settings(**options)), "this query extraction")
     for path in paths:
         if not os.path.isfile(path):
             raise UserError(f"{path}: video file not found")
-    features = dict(extract(paths, fps=recorded["fps"], weights=weights, bf16=recorded["bf16"],
-                            channels_last=recorded["channels_last"], feature=recorded["feature"],
-                            pca_params=pca_path, components=recorded["components"], dtype=recorded["dtype"]))
-    return {v: np.asarray(x, dtype=np.float32) for v, x in features.items()}
+    return {v: np.asarray(x, dtype=np.float32) for v, x in extract(paths, **options)}
 
 
 def embed_queries(model, ids, features, store, padding_size, device):

