@@ -16,6 +16,12 @@ seconds, so a killed run loses at most that much work; running the same
 command again skips the videos already in IDX and finishes. The FAISS index
 is (re)built from the parts at the end. One run at a time writes IDX (it
 holds IDX/index.lock).
+
+Several processes or hosts (the feature file on a shared disk, IDX too):
+    horovodrun -np 8 -H host1:4,host2:4 python index.py ... --index_dir IDX
+each rank encodes its share of the videos (balanced by frames) into its own
+parts; rank 0 then trains the coarse quantizer on a sample and assembles the
+one FAISS index.
 """
 import argparse
 import os
@@ -26,8 +32,8 @@ import numpy as np
 
 import index_store
 from retrieval import PADDING_SIZE, encode_videos, load_model
-from utils import (FRAMES_PER_BATCH, UserError, check_outputs_apart, check_writable, load_checkpoint, local_device,
-                   init_distributed, open_features, run_main)
+from utils import (FRAMES_PER_BATCH, UserError, agree, check_outputs_apart, check_writable, gather_objects,
+                   init_distributed, load_checkpoint, local_device, on_rank0, open_features, rank_share, run_main)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pre-processing"))
 from writer import OutputLock, dataset_names, file_digest, read_settings  # noqa: E402
@@ -78,15 +84,18 @@ def index_settings(model_path, model_args, feature_settings, pca_digest, padding
 
 
 def encode_into_parts(model, features, keys, lengths, index_dir, padding_size, frame_dtype, frames_per_batch,
-                      device, checkpoint_every):
-    """Encode the videos `keys` and write them as parts of index_dir, one
-    every checkpoint_every seconds; returns the number of videos written."""
-    pending, written, last = ([], [], []), 0, time.monotonic()
+                      device, checkpoint_every, round_number, rank):
+    """Encode the videos `keys` and write them as parts (round_number, rank,
+    1, 2, ...) of index_dir, one every checkpoint_every seconds; returns the
+    number of videos written."""
+    pending, written, last, parts = ([], [], []), 0, time.monotonic(), 0
 
     def flush():
-        nonlocal pending, written, last
+        nonlocal pending, written, last, parts
         if pending[0]:
-            index_store.write_part(index_dir, pending[0], np.concatenate(pending[1]), pending[2], frame_dtype)
+            parts += 1
+            index_store.write_part(index_dir, pending[0], np.concatenate(pending[1]), pending[2], frame_dtype,
+                                   round_number, rank, parts)
             written += len(pending[0])
         pending, last = ([], [], []), time.monotonic()
 
@@ -124,6 +133,49 @@ def build_faiss(index_dir, store, factory, train_size):
     return index
 
 
+def prepare(args, settings, lock):
+    """Rank 0, under the index's lock: check or start the manifest; returns
+    (manifest, the round number of this run)."""
+    lock.acquire()
+    manifest_path = os.path.join(args.index_dir, index_store.MANIFEST)
+    if os.path.isfile(manifest_path):
+        manifest = index_store.read_manifest(args.index_dir)
+        index_store.check_same(manifest_path, manifest["settings"], settings)
+        if manifest.get("complete") and not args.add:
+            raise UserError(f"{args.index_dir}: already holds an index of {manifest['videos']:,} videos; "
+                            "--add adds the videos of --feature_path to it")
+        if args.index_factory and manifest.get("index_factory") not in (None, args.index_factory):
+            raise UserError(f"{args.index_dir}: was built with --index_factory {manifest['index_factory']}, "
+                            f"not {args.index_factory}")
+    else:
+        if args.add:
+            raise UserError(f"{args.index_dir}: no index to add to (drop --add to build one)")
+        manifest = {"format": index_store.FORMAT, "settings": settings, "complete": False,
+                    "index_factory": None, "videos": 0, "frames": 0}
+        index_store.copy_file(args.model_path, os.path.join(args.index_dir, index_store.MODEL_FILE))
+        if args.pca_params is not None:
+            index_store.copy_file(args.pca_params, os.path.join(args.index_dir, index_store.PCA_FILE))
+    manifest["complete"] = False  # until the FAISS index holds every part
+    index_store.write_manifest(args.index_dir, manifest)
+    return manifest, index_store.next_round(args.index_dir)
+
+
+def finish(args, manifest):
+    """Rank 0, once every rank has written its parts: the FAISS index of
+    every part and the finished manifest; returns (videos, frames, factory)."""
+    store = index_store.FrameStore(args.index_dir)
+    if not store.ids:
+        raise UserError(f"{args.feature_path}: no video with frames to index")
+    factory = manifest.get("index_factory") or args.index_factory or index_store.default_factory(len(store.ids))
+    index = build_faiss(args.index_dir, store, factory, args.train_size)
+    frames = int(sum(store.frames_count(i) for i in range(len(store.paths))))
+    store.close()
+    manifest.update(complete=True, index_factory=factory, videos=int(index.ntotal), frames=frames,
+                    parts=len(store.paths), default_nprobe=index_store.DEFAULT_NPROBE)
+    index_store.write_manifest(args.index_dir, manifest)
+    return int(index.ntotal), frames, factory
+
+
 def main():
     args = get_args_parser().parse_args()
     if args.padding_size < 0 or args.frames_per_batch < 1 or args.checkpoint_every < 0 or args.train_size < 1:
@@ -134,77 +186,62 @@ def main():
     if os.path.exists(args.index_dir) and not os.path.isdir(args.index_dir):
         raise UserError(f"{args.index_dir}: exists and is not a folder")
     check_writable(os.path.join(args.index_dir, index_store.MANIFEST))
+    if args.pca_params is not None and not os.path.isfile(args.pca_params):
+        raise UserError(f"{args.pca_params}: PCA parameters not found")
     dist = init_distributed()
     device = local_device(dist, args.device)
     _, model_args = load_checkpoint(args.model_path)
     model = load_model(args.model_path, {}, device)  # model_args None: a bare state dict (its SHA-256 names it)
 
-    with OutputLock(os.path.join(args.index_dir, "index")), open_features(args.feature_path) as features:
-        feature_settings = read_settings(features)
-        pca_digest = None
-        if args.pca_params is not None:
-            if not os.path.isfile(args.pca_params):
-                raise UserError(f"{args.pca_params}: PCA parameters not found")
-            pca_digest = file_digest(args.pca_params)
-            recorded = feature_settings.get("pca_params")
-            if recorded not in (None, pca_digest):
-                raise UserError(f"{args.pca_params}: is not the PCA the features were whitened with "
-                                f"({args.feature_path} records pca_params {recorded}, this file is {pca_digest})")
-        settings = index_settings(args.model_path, model_args, feature_settings, pca_digest, args.padding_size,
-                                  args.frame_dtype)
-        manifest_path = os.path.join(args.index_dir, index_store.MANIFEST)
-        if os.path.isfile(manifest_path):
-            manifest = index_store.read_manifest(args.index_dir)
-            index_store.check_same(manifest_path, manifest["settings"], settings)
-            if manifest.get("complete") and not args.add:
-                raise UserError(f"{args.index_dir}: already holds an index of {manifest['videos']:,} videos; "
-                                "--add adds the videos of --feature_path to it")
-            if args.index_factory and manifest.get("index_factory") not in (None, args.index_factory):
-                raise UserError(f"{args.index_dir}: was built with --index_factory {manifest['index_factory']}, "
-                                f"not {args.index_factory}")
-        else:
-            if args.add:
-                raise UserError(f"{args.index_dir}: no index to add to (drop --add to build one)")
-            manifest = {"format": index_store.FORMAT, "settings": settings, "complete": False,
-                        "index_factory": None, "videos": 0, "frames": 0}
-            index_store.copy_file(args.model_path, os.path.join(args.index_dir, index_store.MODEL_FILE))
+    lock = OutputLock(os.path.join(args.index_dir, "index"))  # held by rank 0 for the whole run
+    try:
+        with open_features(args.feature_path) as features:
+            feature_settings = read_settings(features)
+            pca_digest = None
             if args.pca_params is not None:
-                index_store.copy_file(args.pca_params, os.path.join(args.index_dir, index_store.PCA_FILE))
-            index_store.write_manifest(args.index_dir, manifest)
-        manifest["complete"] = False  # until the FAISS index holds every part
-        index_store.write_manifest(args.index_dir, manifest)
+                pca_digest = file_digest(args.pca_params)
+                recorded = feature_settings.get("pca_params")
+                if recorded not in (None, pca_digest):
+                    raise UserError(f"{args.pca_params}: is not the PCA the features were whitened with "
+                                    f"({args.feature_path} records pca_params {recorded}, this file is {pca_digest})")
+            settings = index_settings(args.model_path, model_args, feature_settings, pca_digest, args.padding_size,
+                                      args.frame_dtype)
+            manifest, round_number = on_rank0(dist, lambda: prepare(args, settings, lock))
 
-        store = index_store.FrameStore(args.index_dir)
-        done = set(store.ids)
-        names = dataset_names(features)
-        keys = [v for v in names if v not in done]
-        if len(keys) < len(names):
-            print(f"{len(names) - len(keys):,} of {len(names):,} videos of {args.feature_path} are already indexed")
-        lengths = np.array([features[k].shape[0] for k in keys], dtype=np.int64)
-        empty = [k for k, t in zip(keys, lengths) if t == 0]
-        if empty:
-            print(f"warning: {len(empty)} videos have no frames (e.g. {empty[0]}); they are left out")
+            store = index_store.FrameStore(args.index_dir)
+            done = set(store.ids)
+            store.close()
+            names = dataset_names(features)
+            keys = [v for v in names if v not in done]
+            if len(keys) < len(names) and dist.rank == 0:
+                print(f"{len(names) - len(keys):,} of {len(names):,} videos of {args.feature_path} are already indexed")
+            lengths = np.array([features[k].shape[0] for k in keys], dtype=np.int64)
+            empty = [k for k, t in zip(keys, lengths) if t == 0]
+            if empty and dist.rank == 0:
+                print(f"warning: {len(empty)} videos have no frames (e.g. {empty[0]}); they are left out")
             keys, lengths = [k for k, t in zip(keys, lengths) if t > 0], lengths[lengths > 0]
+            share = rank_share(lengths, dist.rank, dist.size)  # under horovodrun: this rank's videos
+            started, error = time.perf_counter(), None
+            try:
+                written = encode_into_parts(model, features, [keys[i] for i in share], lengths[share],
+                                            args.index_dir, args.padding_size, args.frame_dtype,
+                                            args.frames_per_batch, device, args.checkpoint_every, round_number,
+                                            dist.rank)
+            except UserError as e:
+                error, written = str(e), 0
+            agree(dist, error)  # waits for every rank's parts
+            written = sum(gather_objects(dist, written))
+            encode_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        written = encode_into_parts(model, features, keys, lengths, args.index_dir, args.padding_size,
-                                    args.frame_dtype, args.frames_per_batch, device, args.checkpoint_every)
-        encode_seconds = time.perf_counter() - started
-
-        store.close()
-        store = index_store.FrameStore(args.index_dir)
-        if not store.ids:
-            raise UserError(f"{args.feature_path}: no video with frames to index")
-        factory = manifest.get("index_factory") or args.index_factory or index_store.default_factory(len(store.ids))
-        started = time.perf_counter()
-        index = build_faiss(args.index_dir, store, factory, args.train_size)
+        videos, frames, factory = on_rank0(dist, lambda: finish(args, manifest))
         faiss_seconds = time.perf_counter() - started
-        frames = int(sum(store.frames_count(i) for i in range(len(store.paths))))
-        store.close()
-        manifest.update(complete=True, index_factory=factory, videos=int(index.ntotal), frames=frames,
-                        parts=len(store.paths), default_nprobe=index_store.DEFAULT_NPROBE)
-        index_store.write_manifest(args.index_dir, manifest)
-    print(f"indexed {written:,} videos in {encode_seconds:.1f} s, FAISS {factory} in {faiss_seconds:.1f} s: "
-          f"{args.index_dir} holds {index.ntotal:,} videos, {frames:,} frames")
+    finally:
+        lock.release()
+    if dist.rank == 0:
+        print(f"indexed {written:,} videos in {encode_seconds:.1f} s" + (f" on {dist.size} ranks" if dist.size > 1
+                                                                           else "")
+              + f", FAISS {factory} in {faiss_seconds:.1f} s: {args.index_dir} holds {videos:,} videos, "
+              f"{frames:,} frames")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
                           dtype, index_factory, counts
     IDX/model.pth         a copy of the checkpoint   } a video-file query needs
     IDX/pca_params.npz    a copy of the PCA params   } nothing but the index
-    IDX/parts/part-NNNNNN.h5   one per checkpoint: `ids` (n,), `embeddings`
+    IDX/parts/part-RRRRRR-KKKK-NNNNNN.h5   one per checkpoint of run R, rank K: `ids` (n,), `embeddings`
                           (n, C) float32 TCA_c, `frames` (F, C) float16 (or
                           float32) TCA frame embeddings of the n videos end to
                           end, `offsets` (n + 1,) into frames
@@ -32,7 +32,10 @@ import numpy as np
 from utils import UserError, atomic_path, hdf5_errors
 
 MANIFEST, FAISS_FILE, MODEL_FILE, PCA_FILE = "manifest.json", "index.faiss", "model.pth", "pca_params.npz"
-PART_PATTERN = re.compile(r"part-(\d{6})\.h5")
+# part-<round>-<rank>-<number>.h5: a round per index.py run, so that the parts
+# of a later run (an --add, a resumed build) sort after every earlier one and
+# the FAISS ids of the videos already indexed never move
+PART_PATTERN = re.compile(r"part-(\d{6})-(\d{4})-(\d{6})\.h5")
 FORMAT = 1  # of this layout, in the manifest
 
 # The first-stage index by collection size (bench/NOTES.md, "Choosing the
@@ -125,11 +128,15 @@ def part_paths(index_dir):
                   if PART_PATTERN.fullmatch(os.path.basename(p)))
 
 
-def write_part(index_dir, ids, embeddings, frames, frame_dtype):
-    """The next part file: `ids` (n,), `embeddings` (n, C), frames [(T_i, C)]."""
+def next_round(index_dir):
+    """The round number of a new index.py run: after every part there is."""
     paths = part_paths(index_dir)
-    number = int(PART_PATTERN.fullmatch(os.path.basename(paths[-1])).group(1)) + 1 if paths else 1
-    path = os.path.join(index_dir, "parts", f"part-{number:06d}.h5")
+    return int(PART_PATTERN.fullmatch(os.path.basename(paths[-1])).group(1)) + 1 if paths else 1
+
+
+def write_part(index_dir, ids, embeddings, frames, frame_dtype, round_number, rank, number):
+    """Part `number` of (round, rank): `ids` (n,), `embeddings` (n, C), frames [(T_i, C)]."""
+    path = os.path.join(index_dir, "parts", f"part-{round_number:06d}-{rank:04d}-{number:06d}.h5")
     offsets = np.cumsum([0] + [len(f) for f in frames]).astype(np.int64)
     # built in memory and written by Python: a full disk is one OSError, no partial file
     image = io.BytesIO()

@@ -263,3 +263,33 @@ def test_a_video_file_query_equals_its_extracted_features(case, capsys, tmp_path
     errors = [line for line in err.splitlines() if not line.startswith("WARNING: --random-weights")]
     assert status == 2 and len(errors) == 1 and errors[0].startswith(f"error: {tmp_path / 'broken.mp4'}: ")
     assert not (tmp_path / "b.json").exists()
+
+
+def test_two_horovod_ranks_build_the_index_of_one_process(case, capsys, tmp_path):
+    import re
+    import subprocess
+    build(case, capsys, tmp_path / "one", "--frame_dtype", "float32")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
+                           os.path.join(root, "index.py"), "--model_path", str(case / "model.pth"), "--feature_path",
+                           str(case / "database.h5"), "--index_dir", str(tmp_path / "two"), "--padding_size", "10",
+                           "--frame_dtype", "float32", "--device", "cpu"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stdout = re.sub(r"^\[\d+\]<stdout>:", "", proc.stdout, flags=re.M)
+    assert "on 2 ranks" in stdout and "holds 8 videos" in stdout
+    ranks = {os.path.basename(p).split("-")[2] for p in index_store.part_paths(tmp_path / "two")}
+    assert ranks == {"0000", "0001"}  # each rank wrote its share
+    one, two = index_store.FrameStore(tmp_path / "one"), index_store.FrameStore(tmp_path / "two")
+    assert sorted(one.ids) == sorted(two.ids)
+    for v in one.ids:
+        np.testing.assert_allclose(one.embeddings([one.position[v]]), two.embeddings([two.position[v]]), atol=1e-6)
+        np.testing.assert_allclose(one.frames(one.position[v]), two.frames(two.position[v]), atol=1e-6)
+    by_one, _ = search_json(case, capsys, tmp_path / "one", tmp_path, "--k", 8)
+    by_two, _ = search_json(case, capsys, tmp_path / "two", tmp_path, "--k", 8)
+    assert by_one.keys() == by_two.keys()
+    for q in by_one:
+        assert list(by_one[q]) == list(by_two[q])
+        np.testing.assert_allclose(list(by_one[q].values()), list(by_two[q].values()), atol=1e-5)
