@@ -42,11 +42,13 @@ SIZES = {"full": dict(database=200_000, queries=100, channels=1024, topics=2000,
                        candidates=(("IVF16,PQ8x4", "nprobe", (2, 16)), ("HNSW8", "efSearch", (16,))),
                        kinds=("clustered", "isotropic"), repeats=1,
                        rerank=dict(videos=40, frames=(5, 20), shortlists=(10, 40), queries=2, fivr_videos=225_960))}
+# the targets for index.py's default beyond exact search (index_store.default_factory,
+# DEFAULT_NPROBE), set for 10^6 videos; measured here at the size run
 TARGETS = (
-    Target("IVF1024,PQ128 nprobe 16 vs exact, clustered {config[database]:,}: speed-up",
-           ("clustered", "IVF1024,PQ128", "nprobe=16", "speedup"), 20.0, "≥ 20×"),
-    Target("IVF1024,PQ128 nprobe 16, clustered {config[database]:,}: re-scored top-100 mAP / exact's",
-           ("clustered", "IVF1024,PQ128", "nprobe=16", "map_vs_exact"), 0.99, "≥ 99%"),
+    Target("default IVF1024,PQ128 nprobe 256 vs exact, clustered {config[database]:,}: speed-up",
+           ("clustered", "IVF1024,PQ128", "nprobe=256", "speedup"), 20.0, "≥ 20×"),
+    Target("default IVF1024,PQ128 nprobe 256, clustered {config[database]:,}: re-scored top-100 mAP / exact's",
+           ("clustered", "IVF1024,PQ128", "nprobe=256", "map_vs_exact"), 0.99, "≥ 99%"),
 )
 
 
