@@ -37,10 +37,10 @@ import numpy as np
 
 import report
 from data import ANNOTATION_FILES, DATASETS, DATASETS_DIR, load_benchmark
-from retrieval import (METRICS, PADDING_SIZE, evaluate_similarities, load_model, parse_metrics, score_benchmark,
-                       shortlist_similarities)
+from retrieval import (METRICS, PADDING_SIZE, evaluate_similarities, load_model, load_similarities, parse_metrics,
+                       save_similarities, score_benchmark, shortlist_similarities)
 from utils import (FRAMES_PER_BATCH, UserError, atomic_path, check_outputs_apart, check_writable, init_distributed,
-                   load_similarities, local_device, os_error_line, run_main, save_similarities)
+                   local_device, os_error_line, run_main)
 
 # The model-mode work (features -> embeddings -> similarities) is retrieval.py's,
 # shared with training's validation, index.py and search.py. torch is imported

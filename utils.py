@@ -1,7 +1,9 @@
 """Helpers shared by every script: L2-normalisation, padding and masks, the
 length bucketing of videos, safe loading of annotation pickles, HDF5
-features, checkpoints and similarity files, atomic writes, the Horovod set-up
-and helpers that fall back to a single process, and the one-line error
+features (every HDF5 error one line: open_features) and checkpoints,
+atomic writes, the Horovod set-up and the distributed
+helpers that fall back to a single process (a rank's share of the work,
+gathering rows and objects, on rank 0, agree), and the one-line error
 reporting of the command-line tools.
 
 Each idea lives here once; model.py, data.py, train.py, evaluation.py and the
@@ -9,7 +11,6 @@ pre-processing scripts import it from here.
 """
 import collections
 import contextlib
-import json
 import math
 import os
 import pickle
@@ -355,115 +356,6 @@ def check_finite(frames, path, key, frame_numbers=None):
         frame = row if frame_numbers is None else int(frame_numbers[row])
         raise UserError(f"{path}: video {key}: non-finite feature value at frame {frame}")
     return frames
-
-
-# --------------------------------------------------------------------------
-# similarity files: JSON {query: {video: score}} (the ViSiL / FIVR-200K
-# result format), or .npz / .h5 with `queries`, `database`, `similarities`
-
-def load_similarities(path):
-    """Read a similarity file. Returns (query ids, database ids, (Q, D) array);
-    entries a JSON file does not give are NaN."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: similarity file not found")
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        if ext == ".json":
-            queries, database, similarities = _similarities_from_json(path)
-            _check_scores(path, queries, database, similarities)
-            return queries, database, similarities
-        if ext == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                queries, database, similarities = f["queries"], f["database"], f["similarities"]
-        elif ext in (".h5", ".hdf5"):
-            with h5py.File(path, "r") as f:
-                queries, database, similarities = (f["queries"].asstr()[:], f["database"].asstr()[:],
-                                                   f["similarities"][:])
-        else:
-            raise UserError(f"{path}: unknown similarity file type {ext!r} (use .json, .npz, .h5)")
-    except KeyError as e:
-        raise UserError(f"{path}: missing {e} (expected 'queries', 'database', 'similarities')") from None
-    except UserError:
-        raise
-    except Exception as e:  # zip/HDF5/pickle errors of a damaged file come in many kinds
-        raise UserError(f"{path}: cannot read similarities ({type(e).__name__}: {e})") from None
-    if queries.ndim != 1 or database.ndim != 1:
-        raise UserError(f"{path}: 'queries' and 'database' must be 1-D lists of video ids")
-    queries, database = [str(q) for q in queries.tolist()], [str(v) for v in database.tolist()]
-    if similarities.shape != (len(queries), len(database)) or not np.issubdtype(similarities.dtype, np.floating):
-        raise UserError(f"{path}: 'similarities' must be a float array of shape "
-                        f"({len(queries)}, {len(database)}), got {similarities.dtype} {similarities.shape}")
-    _check_scores(path, queries, database, similarities)
-    return queries, database, similarities
-
-
-def _unique_keys(pairs):
-    """object_pairs_hook: a JSON object listing a key twice is an error, not
-    the silent last-one-wins of json.load."""
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise UserError(f"lists {duplicate!r} twice in one object")
-    return result
-
-
-def _similarities_from_json(path):
-    try:
-        with open(path) as f:
-            results = json.load(f, object_pairs_hook=_unique_keys)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
-    if not isinstance(results, dict) or not all(isinstance(r, dict) for r in results.values()):
-        raise UserError(f"{path}: expected a JSON object {{query: {{video: score}}}}")
-    # columns: the videos in order of first appearance (usually every query lists the same ones)
-    column_of, previous = {}, None
-    for res in results.values():
-        if previous is None or res.keys() != previous:
-            for video in res:
-                column_of.setdefault(video, len(column_of))
-        previous = res.keys()
-    similarities = np.full((len(results), len(column_of)), np.nan)
-    for i, (query, res) in enumerate(results.items()):
-        bad = next((v for v, s in res.items() if type(s) not in (int, float)), None)  # not bool, not "0.9"
-        if bad is not None:
-            raise UserError(f"{path}: query {query}, video {bad}: score {res[bad]!r} is not a number")
-        columns = np.fromiter(map(column_of.__getitem__, res), np.int64, len(res))
-        similarities[i, columns] = np.fromiter(res.values(), np.float64, len(res))
-    return list(results), list(column_of), similarities
-
-
-def _check_scores(path, queries, database, similarities):
-    """NaN means "not computed"; an infinite score, or a file with no score
-    at all, is an error naming the file (and the pair)."""
-    infinite = np.isinf(similarities)
-    if infinite.any():
-        i, j = np.argwhere(infinite)[0]
-        raise UserError(f"{path}: query {queries[i]}, video {database[j]}: score {similarities[i, j]} is not finite")
-    if similarities.size and np.isnan(similarities).all():
-        raise UserError(f"{path}: every score is NaN (not computed)")
-
-
-def save_similarities(path, queries, database, similarities):
-    """Write similarities as .npz, .h5/.hdf5 or .json (NaN entries left out of JSON)."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".npz", ".h5", ".hdf5", ".json"):
-        raise UserError(f"{path}: unknown similarity file type {ext!r} (use .json, .npz, .h5)")
-    with atomic_path(path) as tmp:
-        if ext == ".npz":
-            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
-                np.savez(f, queries=np.array(queries, dtype=str), database=np.array(database, dtype=str),
-                         similarities=similarities)
-        elif ext == ".json":
-            with open(tmp, "w") as f:
-                json.dump({q: {v: s for v, s in zip(database, row.tolist()) if s == s}  # s != s: NaN
-                           for q, row in zip(queries, similarities)}, f)
-        else:
-            with h5py.File(tmp, "w") as f:
-                f["queries"], f["database"] = np.array(queries, dtype=object), np.array(database, dtype=object)
-                f["similarities"] = similarities
 
 
 # --------------------------------------------------------------------------

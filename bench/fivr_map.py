@@ -12,7 +12,7 @@ import numpy as np
 
 from bench.common import Target, fmt, interleaved, per_round, summary, table
 from data import DATASETS_DIR, FIVR, load_benchmark
-from utils import save_similarities
+from retrieval import save_similarities
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"full": dict(queries=100, database=None, baseline_queries=4, repeats=3),

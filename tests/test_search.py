@@ -16,7 +16,7 @@ import index
 import index_store
 import search
 from model import build_model
-from utils import load_similarities
+from retrieval import load_similarities
 
 C = 16
 DATABASE = ["a", "b", "n1", "n2", "n3", "n4", "n5", "n6"]
