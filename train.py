@@ -323,7 +323,7 @@ def train(args):
     seed_everything(args.seed, 0, 0)  # same initial weights everywhere (rank 0's are broadcast anyway)
     encoder = build_model(**model_args(args))
     model = MoCo(encoder, dim=encoder.output_dim, K=args.moco_k, m=args.moco_m, T=args.moco_t,
-                 gather=utils.all_gatherer(dist)).to(device)
+                 gather=utils.all_gatherer(dist, name="moco_keys")).to(device)
     criterion = LOSSES[args.loss]
     lr_scaler = lr_scale(args, dist, device)
     optimizer, scheduler = make_optimizer(model, args, dist, lr_scaler)

@@ -498,13 +498,16 @@ def local_device(dist, requested=None):
     return device
 
 
-def all_gatherer(dist):
+def all_gatherer(dist, name):
     """A function concatenating a tensor from every rank along dim 0 (rank
-    order, no gradient through it), or None in a world of one."""
+    order, no gradient through it), or None in a world of one. The fixed
+    `name` lets Horovod's response cache reuse one entry: unnamed calls get a
+    new name each step, which fills the cache and makes every later step log
+    "A response has been evicted from cache"."""
     if dist.hvd is None or dist.size == 1:
         return None
     hvd = dist.hvd
-    return lambda tensor: hvd.allgather(tensor.detach().contiguous())
+    return lambda tensor: hvd.allgather(tensor.detach().contiguous(), name=name)
 
 
 def rank_share(work, rank, size):

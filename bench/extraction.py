@@ -79,7 +79,7 @@ def run(size, weights):
             models[name] = cnn.build_extractor("imac", weights or cnn.RANDOM_WEIGHTS, "cpu", channels_last)
     features, frame_counts = {}, []
 
-    def pipeline(name, channels_last, bf16, schedule="auto"):
+    def run_pipeline(name, channels_last, bf16, schedule="auto"):
         """extract_features' CPU defaults unless told otherwise."""
         workers = size["workers"]
         if workers is None:
@@ -132,10 +132,10 @@ def run(size, weights):
         # a round moves both sides of the ratio alike
         contenders[f"forward_before/{mode[0]}"] = lambda mode=mode: forward_alone(*mode)
         contenders[f"lanes_before/{mode[0]}"] = lambda mode=mode: forward_in_lanes(*mode)
-        contenders[f"pipeline/{mode[0]}"] = lambda mode=mode: pipeline(*mode)
+        contenders[f"pipeline/{mode[0]}"] = lambda mode=mode: run_pipeline(*mode)
         contenders[f"lanes_after/{mode[0]}"] = lambda mode=mode: forward_in_lanes(*mode)
         contenders[f"forward_after/{mode[0]}"] = lambda mode=mode: forward_alone(*mode)
-        contenders[f"pipeline_overlap/{mode[0]}"] = lambda mode=mode: pipeline(*mode, schedule="overlap")
+        contenders[f"pipeline_overlap/{mode[0]}"] = lambda mode=mode: run_pipeline(*mode, schedule="overlap")
         contenders[f"forward_yardstick/{mode[0]}"] = lambda mode=mode: forward_alone(*mode, batch_size=yardstick)
     seconds = interleaved(contenders, size["repeats"], size["warmup"])
     frames = frame_counts[0]

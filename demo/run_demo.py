@@ -21,6 +21,7 @@ frames; whitening more directions than that would divide by zero variances).
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,27 @@ def horovodrun(np, py):
     return [launcher, "-np", str(np), "-H", f"localhost:{np}"]
 
 
+# the "[1,0]<stderr>:" (mpirun) or "[0]<stdout>:" (Gloo) tag horovodrun puts before every piece of a rank's
+# output, which cuts a progress bar's carriage-return updates into fragments
+LAUNCHER_TAG = re.compile(rb"\[\d+(?:,\d+)?\]<std(?:out|err)>:")
+
+
+def untag(chunks, out):
+    """Copy the launcher's output, read in `chunks`, to `out` without its rank tags,
+    so the demo's log shows the progress bars and results as one process
+    prints them (a tag split between two reads is held back until whole)."""
+    pending = b""
+    for chunk in chunks:
+        data = pending + chunk
+        start = data.rfind(b"[")
+        keep = start >= 0 and len(data) - start < 24 and LAUNCHER_TAG.match(data, start) is None
+        data, pending = (data[:start], data[start:]) if keep else (data, b"")
+        out.write(LAUNCHER_TAG.sub(b"", data))
+        out.flush()
+    out.write(LAUNCHER_TAG.sub(b"", pending))
+    out.flush()
+
+
 def step(name, cmd, output):
     """Run `cmd` unless `output` exists; fail with the step's name."""
     if os.path.exists(output):
@@ -120,7 +142,13 @@ def step(name, cmd, output):
         return
     print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
     start = time.time()
-    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+    if os.path.basename(cmd[0]) != "horovodrun":
+        returncode = subprocess.run(cmd, cwd=REPO).returncode
+    else:
+        with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as launcher:
+            untag(iter(lambda: launcher.stdout.read1(1 << 16), b""), sys.stdout.buffer)
+        returncode = launcher.returncode
+    if returncode != 0:
         raise UserError(f"step '{name}' failed (command above)")
     print(f"[demo] {name}: done in {time.time() - start:.0f} s", flush=True)
 

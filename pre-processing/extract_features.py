@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import UserError, local_device, run_main  # noqa: E402
+from utils import UserError, check_outputs_apart, local_device, run_main  # noqa: E402
 import pipeline  # noqa: E402
 import sharding  # noqa: E402
 from cnn import POOLING, RANDOM_WEIGHTS, bf16_is_faster, build_extractor  # noqa: E402
@@ -124,6 +124,8 @@ def main():
                                             components=args.components, dtype=args.dtype)
     failures_path = args.failures or args.output + ".failures.tsv"
     check_failures_path(failures_path)
+    check_outputs_apart({"--output": args.output, "--failures": failures_path},
+                        {"--video_list": args.video_list, "--pca_params": args.pca_params, "--weights": args.weights})
     model = None
 
     def settle(recorded):  # rank 0, holding the output's lock: --bf16 auto

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import UserError, run_main  # noqa: E402
+from utils import UserError, check_outputs_apart, run_main  # noqa: E402
 from lanes import videos_in_lanes  # noqa: E402
 from video import frames_path, read_video_list, remove_stale_frames, save_frames, video_items  # noqa: E402
 from writer import check_failures_path, write_failures  # noqa: E402
@@ -55,6 +55,7 @@ def main():
     videos = read_video_list(args.video_list)
     failures_path = args.failures or os.path.join(args.output, "failures.tsv")
     check_failures_path(failures_path)
+    check_outputs_apart({"--output": args.output, "--failures": failures_path}, {"--video_list": args.video_list})
     os.makedirs(args.output, exist_ok=True)
     remove_stale_frames(args.output)
 

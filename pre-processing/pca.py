@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import UserError, open_features, read_features, run_main  # noqa: E402
+from utils import UserError, check_outputs_apart, check_writable, open_features, read_features, run_main  # noqa: E402
 from whitening import apply_pca, learn_pca, load_params, sample_frames, save_params  # noqa: E402
 from writer import ResumableH5Writer, dataset_names, file_digest, read_settings  # noqa: E402
 
@@ -44,6 +44,8 @@ def get_args_parser():
 def learn(args):
     if args.frames_per_video <= 0:
         raise UserError("--frames_per_video must be positive")
+    check_outputs_apart({"--params": args.params}, {"--learn": args.learn})
+    check_writable(args.params)  # before the learning, not after it
     with open_features(args.learn) as f:
         names = dataset_names(f)
         if not names:
@@ -65,8 +67,7 @@ def learn(args):
 def apply(args):
     if args.output is None:
         raise UserError("--apply needs --output")
-    if os.path.exists(args.output) and os.path.exists(args.apply) and os.path.samefile(args.output, args.apply):
-        raise UserError(f"--output {args.output} is the --apply input: write the whitened features to another file")
+    check_outputs_apart({"--output": args.output}, {"--apply": args.apply, "--params": args.params})
     params = load_params(args.params, args.components)
     start, num_frames = time.time(), 0
     with open_features(args.apply) as f:

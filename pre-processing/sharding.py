@@ -15,7 +15,7 @@ import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import UserError, balanced_owners, init_distributed  # noqa: E402
+from utils import UserError, agree, balanced_owners, init_distributed  # noqa: E402
 
 
 def start():
@@ -26,41 +26,6 @@ def start():
     os.environ.setdefault("HOROVOD_STALL_CHECK_DISABLE", "1")
     os.environ.setdefault("HOROVOD_CYCLE_TIME", "100")  # milliseconds
     return init_distributed()
-
-
-def _stop(dist, message):
-    # rank 0 says it once; the others leave quietly with the same status
-    if dist.rank == 0:
-        raise UserError(message)
-    raise SystemExit(2)
-
-
-def on_rank0(dist, function):
-    """function() run on rank 0 only; its result, or its UserError, reaches every rank."""
-    if dist.size == 1:
-        return function()
-    result, error = None, None
-    if dist.rank == 0:
-        try:
-            result = function()
-        except UserError as e:
-            error = str(e)
-    result, error = dist.hvd.broadcast_object((result, error), root_rank=0)
-    if error is not None:
-        _stop(dist, error)
-    return result
-
-
-def gather(dist, value):
-    """[value of rank 0, value of rank 1, ...] on every rank; waits for all of them."""
-    return [value] if dist.size == 1 else dist.hvd.allgather_object(value)
-
-
-def agree(dist, error):
-    """Every rank stops if any rank met an error (None: none did)."""
-    errors = [e for e in gather(dist, error) if e is not None]
-    if errors:
-        _stop(dist, errors[0])
 
 
 def check_shared_directory(dist, lock_path, holder):

@@ -1,5 +1,6 @@
-"""Resumable HDF5 output for the pre-processing scripts (extraction and PCA
-alike, one ResumableH5Writer protocol): one dataset per video id, written so that killing the process at any moment loses at most the last
+"""Resumable HDF5 output for the pre-processing scripts, extraction and PCA
+alike (one protocol, ResumableH5Writer): one dataset per video id, written
+so that killing the process at any moment loses at most the last
 `checkpoint_every` seconds of work and never leaves a truncated dataset.
 
 HDF5 files are not crash-safe while open for writing, so finished videos are
@@ -32,10 +33,12 @@ import time
 
 import h5py
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import Distributed, UserError, atomic_path, open_features  # noqa: E402
+from utils import (Distributed, UserError, atomic_path, gather_objects, hdf5_errors, on_rank0,  # noqa: E402
+                   open_features)
 import sharding  # noqa: E402
 
 PART_PATTERN = re.compile(r"part-[0-9a-f]{8}-\d{4}-\d{6}\.h5")
@@ -43,9 +46,19 @@ PART_PATTERN = re.compile(r"part-[0-9a-f]{8}-\d{4}-\d{6}\.h5")
 
 def dataset_names(h5file):
     """Names of all datasets in an open HDF5 file, in file order. Video ids
-    holding '/' (CC_WEB_VIDEO's '1/1_1_Y') are stored as nested groups."""
+    holding '/' (CC_WEB_VIDEO's '1/1_1_Y') are stored as nested groups.
+    One low-level visit that reads each object's type: 11 s for 10^6
+    datasets, where h5py's visititems, which makes a Python object of each,
+    took 66 s (bench/NOTES.md); a progress bar shows past 2 s."""
     names = []
-    h5file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    with tqdm(desc=f"listing {h5file.filename}", unit=" datasets", delay=2, leave=False) as bar:
+        def visit(name, info):
+            if info.type == h5py.h5o.TYPE_DATASET:
+                names.append(name.decode())
+                if len(names) % 4096 == 0:
+                    bar.update(4096)
+        with hdf5_errors(h5file.filename):  # a damaged index: one line naming the file
+            h5py.h5o.visit(h5file.id, visit, info=True)
     return names
 
 
@@ -53,15 +66,17 @@ def check_video_ids(ids, source):
     """Refuse, up front and in one line, ids HDF5 cannot store as given: an id
     is a path of groups, so `x` cannot sit beside `x/y`, and `.`, `a/./b`,
     `a/`, `a//b`, `./a` are not names (h5py normalises or rejects them, so a
-    re-run would never find them)."""
+    re-run would never find them); nor are names holding control characters."""
     ids = list(ids)
-    bad = [i for i in ids if any(part in ("", ".", "..") for part in i.split("/"))]
+    # control characters (a tab, a newline) would also break the failures file's `id<TAB>path` lines
+    bad = [i for i in ids if any(part in ("", ".", "..") for part in i.split("/")) or any(c < " " for c in i)]
     groups = {i[:k] for i in ids for k in range(len(i)) if i[k] == "/"}
     bad += [i for i in ids if i in groups]
     if bad:
         shown = ", ".join(repr(i) for i in sorted(set(bad))[:10]) + (", ..." if len(set(bad)) > 10 else "")
         raise UserError(f"{source}: video ids HDF5 cannot store: {shown} (an id is a '/'-separated path of "
-                        "non-empty names other than '.' and '..', and no id may be a folder of another)")
+                        "non-empty names other than '.' and '..', without control characters, and no id may be a "
+                        "folder of another)")
 
 
 # --------------------------------------------------------------------------
@@ -204,6 +219,24 @@ class OutputLock:
 # --------------------------------------------------------------------------
 # parts, scan and merge
 
+def write_dataset(h5file, name, array):
+    """Every dataset of an output or part carries HDF5's Fletcher-32 checksum
+    (per chunk), so that damaged data reads as an error, not as features.
+    Files written before without it still read."""
+    h5file.create_dataset(name, data=array, fletcher32=True)
+
+
+def _damaged(h5file, names):
+    """Why the data of the first of `names` that cannot be read back (a
+    Fletcher-32 checksum that fails, a truncated file) cannot, or None."""
+    for name in names:
+        try:
+            h5file[name][()]
+        except (OSError, UserError) as e:  # open_features' files say UserError, naming file and video
+            return str(e) if isinstance(e, UserError) else f"{h5file.filename}: video {name}: {e}"
+    return None
+
+
 def part_paths(output):
     """The finished part files of `output`, every rank's, in name order."""
     parts_dir = os.fspath(output) + ".parts"
@@ -228,7 +261,15 @@ def scan_output(output, settings):
     for path in ([output] if os.path.exists(output) else []) + part_paths(output):
         with open_features(path) as f:
             check_settings(path, read_settings(f), settings)
-            done.update(dataset_names(f))
+            names = dataset_names(f)
+            # a part is read whole here, so that merging never meets a damaged one
+            damaged = _damaged(f, names) if path != output else None
+        if damaged is not None:
+            print(f"{damaged}; the part is removed and its {len(names)} videos are extracted again", file=sys.stderr,
+                  flush=True)
+            os.remove(path)
+            continue
+        done.update(names)
     return done
 
 
@@ -271,7 +312,7 @@ class PartWriter:
             with h5py.File(image, "w") as f:
                 write_settings(f, self.settings)
                 for video_id, array in self._buffer.items():
-                    f.create_dataset(video_id, data=array)
+                    write_dataset(f, video_id, array)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 f.write(image.getbuffer())
             self.written.append(path)
@@ -298,8 +339,15 @@ def merge_parts(output, settings):
             with open_features(source) as f:
                 check_settings(source, read_settings(f), settings)
                 for name in dataset_names(f):
-                    if name not in merged:  # a part already merged before a kill
-                        merged.create_dataset(name, data=f[name][()])
+                    if name in merged:  # a part already merged before a kill
+                        continue
+                    try:
+                        data = f[name][()]
+                    except (OSError, UserError) as e:  # the scan read the parts whole: the output itself is damaged
+                        reason = str(e) if isinstance(e, UserError) else f"{source}: video {name}: {e}"
+                        raise UserError(f"{reason}; move {source} away and run again to extract its videos anew "
+                                        "(the parts are kept)") from None
+                    write_dataset(merged, name, data)
     for part in parts:
         os.remove(part)
     os.rmdir(output + ".parts")
@@ -335,7 +383,7 @@ class ResumableH5Writer:
                 self._lock.release()
                 raise
 
-        holder, self.done, run, self.settings = sharding.on_rank0(self.dist, prepare)
+        holder, self.done, run, self.settings = on_rank0(self.dist, prepare)
         try:
             sharding.check_shared_directory(self.dist, self._lock.path, holder)
         except BaseException:
@@ -359,7 +407,7 @@ class ResumableH5Writer:
         picklable value), in rank order, to rank 0, and None to the others."""
         self._finished = True
         self.flush()
-        ranks = sharding.gather(self.dist, (self._parts.written, report))
+        ranks = gather_objects(self.dist, (self._parts.written, report))
         if self.dist.rank != 0:
             return None
         sharding.check_parts_visible([part for parts, _ in ranks for part in parts])

@@ -222,7 +222,7 @@ def test_vcdb_query_not_in_its_own_relevant_set(annotation_dir):
 
 def test_missing_annotation_file_says_where_to_get_it(tmp_path):
     for name in ("FIVR-5K", "CC_WEB_VIDEO", "EVVE", "VCDB"):
-        with pytest.raises(UserError, match="datasets/README.md"):
+        with pytest.raises(UserError, match="the repository ships them in datasets/; python datasets/download.py re-fetches them"):
             load_benchmark(name, str(tmp_path))
 
 

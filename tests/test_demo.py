@@ -285,3 +285,20 @@ def test_run_demo_shards_extraction_only_over_two_or_more_gpus(monkeypatch):
     for gpus, np_, expected in ((0, 2, 1), (1, 2, 1), (2, 2, 2), (8, 2, 2), (8, 4, 4), (2, 4, 2)):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
         assert run_demo.extraction_ranks(np_) == expected
+
+
+def test_run_demo_strips_the_launchers_rank_tags_even_when_a_read_splits_one(tmp_path):
+    """horovodrun puts "[1,0]<stderr>:" (mpirun) or "[0]<stdout>:" (Gloo) before every piece of a rank's
+    output, cutting progress bars into fragments; the demo's log shows what the ranks printed, untagged."""
+    import io
+    spec = importlib.util.spec_from_file_location("run_demo", os.path.join(ROOT, "demo", "run_demo.py"))
+    run_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_demo)
+    launched = (b"[1,0]<stdout>:32 training pairs\n[1,0]<stderr>:\repoch 1/2:  25%| 1/4 [00:00<00:01]"
+                b"[1,0]<stderr>:\repoch 1/2: 100%| 4/4 [00:01<00:00]\n[0]<stdout>:saved m/model.pth\n")
+    printed = b"32 training pairs\n\repoch 1/2:  25%| 1/4 [00:00<00:01]\repoch 1/2: 100%| 4/4 [00:01<00:00]\n" \
+              b"saved m/model.pth\n"
+    for cut in range(1, len(launched)):  # every place a read can end, tags included
+        out = io.BytesIO()
+        run_demo.untag([launched[:cut], launched[cut:]], out)
+        assert out.getvalue() == printed, cut

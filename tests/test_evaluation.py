@@ -102,7 +102,7 @@ def test_results_csv_appends_rows(annotation_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "NOPE", "--similarities", "x.npz"], "unknown dataset 'NOPE'"),
-    (["--dataset", "EVVE", "--annotation_dir", "/nonexistent", "--similarities", "x.npz"], "datasets/README.md"),
+    (["--dataset", "EVVE", "--annotation_dir", "/nonexistent", "--similarities", "x.npz"], "python datasets/download.py re-fetches them"),
     (["--dataset", "EVVE", "--annotation_dir", "@annotations"], "give --similarities"),
     (["--dataset", "EVVE", "--annotation_dir", "@annotations", "--feature_path", "f.h5"], "exactly one of"),
 ])

@@ -155,6 +155,38 @@ def test_other_weights_on_a_finished_output_are_refused(reference, tmp_path):
     assert f"error: {reference['output']}: was made with --weights random:seed0, not sha256:" in result.stderr
 
 
+def test_a_part_whose_data_fails_its_checksum_is_extracted_again(reference, tmp_path):
+    """A killed run's parts, one written by an older version (no checksum),
+    one of this version's whose data a disk then damaged: the damaged part's
+    videos are extracted again, the rest kept, the file as one run's."""
+    output, parts = tmp_path / "imac.h5", tmp_path / "imac.h5.parts"
+    parts.mkdir()
+    with h5py.File(parts / "part-0000000a-0000-000001.h5", "w") as f:
+        f.attrs.update(reference["settings"])
+        f.create_dataset("carphone_pristine", data=reference["features"]["carphone_pristine"])
+    writer = PartWriter(output, reference["settings"], run="0000000b")
+    for video_id in ("bikes", "copies/bikes"):
+        writer.add(video_id, reference["features"][video_id])
+    writer.flush()
+    damaged = writer.written[0]
+    with h5py.File(damaged, "r") as f:
+        assert f["bikes"].fletcher32
+        offset = f["bikes"].id.get_chunk_info(0).byte_offset
+    with open(damaged, "r+b") as f:
+        f.seek(offset + 1000)
+        byte = f.read(1)
+        f.seek(offset + 1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    result = run_script("extract_features.py", "--video_list", reference["list"], "--output", output, *EXTRACT_ARGS)
+    assert [line for line in result.stderr.splitlines() if "checksum" in line] == [
+        f"{damaged}: video bikes: damaged HDF5 file (its Fletcher-32 checksum does not match: the data were "
+        "damaged after writing); the part is removed and its 2 videos are extracted again"]
+    assert "1 already done, 4 to extract" in result.stdout
+    assert_same_datasets(output, reference)
+    with h5py.File(output, "r") as f:
+        assert all(f[name].fletcher32 for name in dataset_names(f))
+
+
 # --------------------------------------------------------------------------
 # PCA while extracting, float16
 
@@ -240,8 +272,8 @@ def test_pca_apply_onto_its_input_is_refused(reference, pca_params):
     result = run_script("pca.py", "--apply", reference["output"], "--params", pca_params,
                         "--output", reference["output"], check=False)
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: --output {reference['output']} is the --apply input: write the "
-                                     "whitened features to another file")
+    assert result.stderr.strip() == (f"error: {reference['output']}: --output would overwrite the input --apply "
+                                     f"({reference['output']}); choose another output path")
 
 
 # --------------------------------------------------------------------------
@@ -284,6 +316,18 @@ def test_video_ids_are_checked_before_any_work(tmp_path):
                         *EXTRACT_ARGS, check=False)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().startswith(f"error: {videos}: video ids HDF5 cannot store: 'x' (")
+
+
+def test_video_ids_with_control_characters_are_refused_before_any_work(tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for name in ("good.npy", "tab\there.npy"):
+        np.save(frames / name, np.zeros((1, 256, 256, 3), np.uint8))
+    result = run_script("extract_features.py", "--frames_dir", frames, "--output", tmp_path / "imac.h5",
+                        *EXTRACT_ARGS, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().startswith(f"error: {frames}: video ids HDF5 cannot store: 'tab\\there' (")
+    assert "without control characters" in result.stderr and not (tmp_path / "imac.h5.lock").exists()
 
 
 # --------------------------------------------------------------------------

@@ -88,3 +88,20 @@ def test_a_full_disk_is_one_line_and_a_rerun_finishes(tmp_path, small_tmpfs):
     assert run_pca(*args, "--output", tmp_path / "reference.h5")[0] == 0
     with h5py.File(small_tmpfs / "out.h5") as a, h5py.File(tmp_path / "reference.h5") as b:
         assert sorted(a) == sorted(b) and all(np.array_equal(a[k][()], b[k][()]) for k in b)
+
+
+def test_learn_checks_params_before_learning(features, tmp_path):
+    """--params naming the input (by path, symlink or hard link) is refused,
+    the input untouched; an unwritable --params is named before any work."""
+    data = features.read_bytes()
+    os.symlink(features, tmp_path / "link.h5")
+    os.link(features, tmp_path / "hard.h5")
+    for params in (features, tmp_path / "link.h5", tmp_path / "hard.h5"):
+        status, err = run_pca("--learn", features, "--params", params)
+        assert status == 2 and err == (f"error: {params}: --params would overwrite the input --learn ({features}); "
+                                       "choose another output path\n")
+    assert features.read_bytes() == data
+    (tmp_path / "file").write_text("")
+    status, err = run_pca("--learn", features, "--params", tmp_path / "file" / "p.npz")
+    assert status == 2 and "sampling" not in err
+    assert err == f"error: {tmp_path / 'file' / 'p.npz'}: {tmp_path / 'file'} is not a directory\n"

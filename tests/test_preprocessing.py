@@ -171,9 +171,9 @@ def test_features_shape_and_unit_norm_layer_blocks(extracted):
     features = extracted["features"]
     assert sorted(features) == sorted(video_id for video_id, _ in GOOD_VIDEOS)
     assert features["carphone_pristine"].shape == (4, 3840) and features["bikes"].shape == (10, 3840)
-    for video in features.values():
-        assert video.dtype == np.float32
-        for block in np.split(video, LAYER_BLOCKS, axis=1):
+    for video_features in features.values():
+        assert video_features.dtype == np.float32
+        for block in np.split(video_features, LAYER_BLOCKS, axis=1):
             np.testing.assert_allclose(np.linalg.norm(block, axis=1), 1.0, rtol=1e-5)
 
 
@@ -275,7 +275,7 @@ class ChannelMeans(torch.nn.Module):
 def test_frames_batched_across_videos_keep_their_video():
     rng = np.random.default_rng(0)
     videos = [torch.from_numpy(rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)) for n in (5, 1, 7)]
-    # iterate_videos' pieces: each video's windows, then its end or its error (here after a window)
+    # video.video_items' pieces: each video's windows, then its end or its error (here after a window)
     items = [("a", "a.mp4", videos[0][:3], None), ("a", "a.mp4", videos[0][3:], None), ("a", "a.mp4", None, None),
              ("broken", "b.mp4", videos[1], None), ("broken", "b.mp4", None, "truncated"),
              ("c", "c.mp4", videos[1], None), ("c", "c.mp4", None, None),
@@ -420,6 +420,21 @@ def test_resumable_writer_merges_parts_and_output(tmp_path):
         assert "a" in writer and "b" not in writer
         writer.add("b/c", np.zeros((1, 3), np.float32))
     assert sorted(read_h5(output)) == ["a", "b/c"] and not os.path.exists(str(output) + ".parts")
+
+
+def test_a_damaged_output_stops_the_merge_in_one_line_keeping_the_parts(tmp_path):
+    output = tmp_path / "out.h5"
+    with ResumableH5Writer(output) as writer:
+        writer.add("a", np.arange(4000, dtype=np.float32).reshape(10, 400))
+    with h5py.File(output, "r") as f:
+        offset = f["a"].id.get_chunk_info(0).byte_offset  # the data, under its Fletcher-32 checksum
+    data = bytearray(output.read_bytes())
+    data[offset + 100] ^= 0xFF
+    output.write_bytes(bytes(data))
+    with pytest.raises(pipeline.UserError, match=f"^{output}: video a: .*checksum does not match.*; move {output} away"):
+        with ResumableH5Writer(output) as writer:
+            writer.add("b", np.zeros((2, 400), np.float32))
+    assert len(glob.glob(str(output) + ".parts/part-*.h5")) == 1 and not glob.glob(str(tmp_path / ".*.tmp"))
 
 
 # --------------------------------------------------------------------------

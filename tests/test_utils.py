@@ -106,16 +106,18 @@ def test_load_state_dict_unwraps_and_strips_module(tmp_path):
         utils.load_state_dict(tmp_path / "garbage.pth")
 
 
-def test_all_gatherer_none_on_one_process_else_horovods_allgather():
-    assert utils.all_gatherer(utils.Distributed(None, 0, 1, 0, 1)) is None
+def test_all_gatherer_none_on_one_process_else_horovods_allgather_under_a_fixed_name():
+    assert utils.all_gatherer(utils.Distributed(None, 0, 1, 0, 1), name="keys") is None
 
     class FakeHorovod:  # what a 2-rank allgather of identical tensors returns
         @staticmethod
-        def allgather(tensor):
+        def allgather(tensor, name=None):
+            # one name for every call: an unnamed allgather takes a new cache entry each step
+            assert name == "keys"
             assert not tensor.requires_grad and tensor.is_contiguous()
             return torch.cat([tensor, tensor])
-    assert utils.all_gatherer(utils.Distributed(FakeHorovod, 0, 1, 0, 1)) is None
-    gather = utils.all_gatherer(utils.Distributed(FakeHorovod, 1, 2, 1, 2))
+    assert utils.all_gatherer(utils.Distributed(FakeHorovod, 0, 1, 0, 1), name="keys") is None
+    gather = utils.all_gatherer(utils.Distributed(FakeHorovod, 1, 2, 1, 2), name="keys")
     x = torch.arange(6.0, requires_grad=True).reshape(2, 3).t()  # not contiguous, needs grad
     assert torch.equal(gather(x), torch.cat([x, x]).detach())
 
