@@ -58,7 +58,9 @@ def get_args_parser():
                              "format is evaluated from its own directory")
     # precomputed similarities
     parser.add_argument("--similarities", type=str, default=None,
-                        help="Evaluate these precomputed similarities (.json, .npz, .h5) instead of a model")
+                        help="Evaluate these precomputed similarities (.json, .npz, .h5) instead of a model. A top-k "
+                             "file (search.py --json_out) lists k videos per query: evaluate it on FIVR with "
+                             "--protocol full, where unlisted relevant videos count as misses")
     # model mode
     parser.add_argument("-fp", "--feature_path", type=str, default=None,
                         help="HDF5 file of frame features, one (T, C) dataset per video id")
