@@ -293,3 +293,21 @@ def test_two_horovod_ranks_build_the_index_of_one_process(case, capsys, tmp_path
     for q in by_one:
         assert list(by_one[q]) == list(by_two[q])
         np.testing.assert_allclose(list(by_one[q].values()), list(by_two[q].values()), atol=1e-5)
+
+
+def test_one_writer_at_a_time(case, capsys, tmp_path):
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, 'pre-processing'); "
+                               "from writer import OutputLock; OutputLock(sys.argv[1]).acquire(); print('held', "
+                               "flush=True); time.sleep(60)", str(tmp_path / "idx" / "index")],
+                              cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        status, _, err = run(index, ["--model_path", case / "model.pth", "--feature_path", case / "database.h5",
+                                     "--index_dir", tmp_path / "idx"], capsys)
+        assert status == 2 and "being written by another run" in err
+        assert not (tmp_path / "idx" / "manifest.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
