@@ -3,6 +3,8 @@ index, TCA frame embeddings in a frame store for re-ranking a shortlist.
 
     python index.py --model_path runs/tca/model.pth --feature_path mine.h5 --pca_params pca.npz --index_dir IDX
     python index.py --model_path runs/tca/model.pth --feature_path more.h5 --index_dir IDX --add
+    python index.py --model_path runs/tca/model.pth --video_list videos.txt --pca_params pca.npz \
+        --components 1024 --index_dir IDX
 
 The features are pca.py --apply's output (one (T, C) dataset per video id).
 Each video is encoded exactly as evaluation.py encodes it (chunks of at most
@@ -24,6 +26,9 @@ parts; rank 0 then trains the coarse quantizer on a sample and assembles the
 one FAISS index.
 """
 import argparse
+import contextlib
+import functools
+import itertools
 import os
 import sys
 import time
@@ -44,8 +49,21 @@ def get_args_parser():
     parser.add_argument("--model_path", required=True,
                         help="TCA checkpoint (train.py's model.pth; a bare state dict takes its architecture from "
                              "the args.json beside it); copied into the index")
-    parser.add_argument("--feature_path", required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--feature_path",
                         help="HDF5 file of PCA-whitened frame features (pca.py --apply), one (T, C) dataset per video")
+    source.add_argument("--video_list",
+                        help="Index video files instead: a file of 'id<TAB>path' lines (or a glob with {id}, as "
+                             "extract_features.py takes), extracted and whitened in memory (nothing 3840-d written); "
+                             "needs --pca_params and --components")
+    parser.add_argument("--components", type=int, default=None,
+                        help="--video_list: PCA components kept (the model's feature size)")
+    parser.add_argument("--fps", type=float, default=1.0, help="--video_list: frames decoded per second (default: 1)")
+    parser.add_argument("--weights", default=None,
+                        help="--video_list: ResNet-50 state dict file (default: torchvision's ImageNet weights; "
+                             "'random:seed0' for the seeded random ones of the tests)")
+    parser.add_argument("--videos_per_chunk", type=int, default=64,
+                        help="--video_list: videos extracted, then encoded, at a time (default: %(default)s)")
     parser.add_argument("--pca_params", default=None,
                         help="The PCA parameters the features were whitened with (pca.py --learn): copied into the "
                              "index for video-file queries, and checked against the hash the features record")
@@ -83,19 +101,19 @@ def index_settings(model_path, model_args, feature_settings, pca_digest, padding
             "padding_size": padding_size, "frame_dtype": frame_dtype}
 
 
-def encode_into_parts(model, features, keys, lengths, index_dir, padding_size, frame_dtype, frames_per_batch,
-                      device, checkpoint_every, round_number, rank):
-    """Encode the videos `keys` and write them as parts (round_number, rank,
-    1, 2, ...) of index_dir, one every checkpoint_every seconds; returns the
-    number of videos written."""
-    pending, written, last, parts = ([], [], []), 0, time.monotonic(), 0
+def encode_into_parts(model, features, keys, lengths, *, index_dir, padding_size, frame_dtype, frames_per_batch,
+                      device, checkpoint_every, round_number, rank, part_numbers):
+    """Encode the videos `keys` of `features` (an open HDF5 file, or a dict
+    id -> (T, C)) and write them as parts (round_number, rank, next of
+    part_numbers) of index_dir, one every checkpoint_every seconds and one at
+    the end; returns the number of videos written."""
+    pending, written, last = ([], [], []), 0, time.monotonic()
 
     def flush():
-        nonlocal pending, written, last, parts
+        nonlocal pending, written, last
         if pending[0]:
-            parts += 1
             index_store.write_part(index_dir, pending[0], np.concatenate(pending[1]), pending[2], frame_dtype,
-                                   round_number, rank, parts)
+                                   round_number, rank, next(part_numbers))
             written += len(pending[0])
         pending, last = ([], [], []), time.monotonic()
 
@@ -176,13 +194,39 @@ def finish(args, manifest):
     return int(index.ntotal), frames, factory
 
 
+def video_file_source(args):
+    """--video_list: (the extraction settings its features get, as
+    extract_features.py + pca.py --apply would record them; {id: path})."""
+    from pipeline import extraction_settings
+    from video import read_video_list
+    if args.pca_params is None or args.components is None:
+        raise UserError("--video_list needs --pca_params and --components (the whitening the model was trained on)")
+    settings = extraction_settings(fps=args.fps, weights=args.weights, pca_params=args.pca_params,
+                                   components=args.components)
+    return settings, dict(read_video_list(args.video_list))
+
+
+def extract_chunk(args, settings, videos):
+    """{id: (T, C) whitened features} of `videos` [(id, path)]; a video that
+    cannot be decoded is reported and left out (as extract_features.py does)."""
+    from pipeline import extract
+
+    def skip(video_id, path, error):
+        print(f"warning: {path}: {error}; video {video_id} left out", file=sys.stderr)
+    return {v: np.asarray(x, dtype=np.float32) for v, x in
+            extract(videos, fps=args.fps, weights=args.weights, pca_params=args.pca_params,
+                    components=args.components, dtype=settings["dtype"], on_error=skip)}
+
+
 def main():
     args = get_args_parser().parse_args()
     if args.padding_size < 0 or args.frames_per_batch < 1 or args.checkpoint_every < 0 or args.train_size < 1:
         raise UserError("--padding_size and --checkpoint_every must be >= 0, --frames_per_batch and --train_size >= 1")
     check_outputs_apart({"--index_dir": args.index_dir},
                         {"--model_path": args.model_path, "--feature_path": args.feature_path,
-                         "--pca_params": args.pca_params})
+                         "--pca_params": args.pca_params, "--video_list": args.video_list})
+    if args.video_list is None and (args.components is not None or args.weights is not None):
+        raise UserError("--components and --weights are for --video_list (features record their own)")
     if os.path.exists(args.index_dir) and not os.path.isdir(args.index_dir):
         raise UserError(f"{args.index_dir}: exists and is not a folder")
     check_writable(os.path.join(args.index_dir, index_store.MANIFEST))
@@ -195,15 +239,21 @@ def main():
 
     lock = OutputLock(os.path.join(args.index_dir, "index"))  # held by rank 0 for the whole run
     try:
-        with open_features(args.feature_path) as features:
-            feature_settings = read_settings(features)
+        with contextlib.ExitStack() as stack:
+            if args.feature_path is not None:
+                features = stack.enter_context(open_features(args.feature_path))
+                feature_settings, names = read_settings(features), dataset_names(features)
+            else:
+                features, (feature_settings, video_paths) = None, video_file_source(args)
+                names = list(video_paths)
+            source = args.feature_path or args.video_list
             pca_digest = None
             if args.pca_params is not None:
                 pca_digest = file_digest(args.pca_params)
                 recorded = feature_settings.get("pca_params")
                 if recorded not in (None, pca_digest):
                     raise UserError(f"{args.pca_params}: is not the PCA the features were whitened with "
-                                    f"({args.feature_path} records pca_params {recorded}, this file is {pca_digest})")
+                                    f"({source} records pca_params {recorded}, this file is {pca_digest})")
             settings = index_settings(args.model_path, model_args, feature_settings, pca_digest, args.padding_size,
                                       args.frame_dtype)
             manifest, round_number = on_rank0(dist, lambda: prepare(args, settings, lock))
@@ -211,24 +261,34 @@ def main():
             store = index_store.FrameStore(args.index_dir)
             done = set(store.ids)
             store.close()
-            names = dataset_names(features)
             keys = [v for v in names if v not in done]
             if len(keys) < len(names) and dist.rank == 0:
-                print(f"{len(names) - len(keys):,} of {len(names):,} videos of {args.feature_path} are already indexed")
-            lengths = np.array([features[k].shape[0] for k in keys], dtype=np.int64)
-            empty = [k for k, t in zip(keys, lengths) if t == 0]
-            if empty and dist.rank == 0:
-                print(f"warning: {len(empty)} videos have no frames (e.g. {empty[0]}); they are left out")
-            keys, lengths = [k for k, t in zip(keys, lengths) if t > 0], lengths[lengths > 0]
-            share = rank_share(lengths, dist.rank, dist.size)  # under horovodrun: this rank's videos
-            started, error = time.perf_counter(), None
+                print(f"{len(names) - len(keys):,} of {len(names):,} videos of {source} are already indexed")
+            encode = functools.partial(encode_into_parts, model, index_dir=args.index_dir,
+                                       padding_size=args.padding_size, frame_dtype=args.frame_dtype,
+                                       frames_per_batch=args.frames_per_batch, device=device,
+                                       checkpoint_every=args.checkpoint_every, round_number=round_number,
+                                       rank=dist.rank, part_numbers=itertools.count(1))
+            started, error, written = time.perf_counter(), None, 0
             try:
-                written = encode_into_parts(model, features, [keys[i] for i in share], lengths[share],
-                                            args.index_dir, args.padding_size, args.frame_dtype,
-                                            args.frames_per_batch, device, args.checkpoint_every, round_number,
-                                            dist.rank)
+                if features is not None:
+                    lengths = np.array([features[k].shape[0] for k in keys], dtype=np.int64)
+                    empty = [k for k, t in zip(keys, lengths) if t == 0]
+                    if empty and dist.rank == 0:
+                        print(f"warning: {len(empty)} videos have no frames (e.g. {empty[0]}); they are left out")
+                    keys, lengths = [k for k, t in zip(keys, lengths) if t > 0], lengths[lengths > 0]
+                    share = rank_share(lengths, dist.rank, dist.size)  # under horovodrun: this rank's videos
+                    written = encode(features, [keys[i] for i in share], lengths[share])
+                else:
+                    mine = [keys[i] for i in rank_share(np.ones(len(keys)), dist.rank, dist.size)]
+                    for start in range(0, len(mine), args.videos_per_chunk):
+                        chunk = extract_chunk(args, feature_settings, [(v, video_paths[v]) for v in
+                                                                       mine[start:start + args.videos_per_chunk]])
+                        if chunk:
+                            written += encode(chunk, list(chunk),
+                                              np.array([len(x) for x in chunk.values()], dtype=np.int64))
             except UserError as e:
-                error, written = str(e), 0
+                error = str(e)
             agree(dist, error)  # waits for every rank's parts
             written = sum(gather_objects(dist, written))
             encode_seconds = time.perf_counter() - started

@@ -256,6 +256,19 @@ def test_a_video_file_query_equals_its_extracted_features(case, capsys, tmp_path
     by_file = json.loads((tmp_path / "v.json").read_text())[videos[0][1]]
     assert list(by_file) == list(by_features["bikes"]) == ["bikes", "carphone"]
     np.testing.assert_allclose(list(by_file.values()), list(by_features["bikes"].values()), atol=1e-5)
+    # indexing the video files themselves (extraction in memory) gives the same index
+    (tmp_path / "videos.txt").write_text("".join(f"{v}\t{path}\n" for v, path in videos))
+    status, _, err = run(index, ["--model_path", case / "model.pth", "--video_list", tmp_path / "videos.txt",
+                                 "--pca_params", tmp_path / "pca.npz", "--components", C, "--weights", RANDOM_WEIGHTS,
+                                 "--index_dir", tmp_path / "from_videos", "--frame_dtype", "float32",
+                                 "--device", "cpu"], capsys)
+    assert status == 0, err
+    manifest = lambda d: json.loads((tmp_path / d / "manifest.json").read_text())["settings"]
+    assert manifest("from_videos") == manifest("idx")
+    one, two = index_store.FrameStore(tmp_path / "idx"), index_store.FrameStore(tmp_path / "from_videos")
+    for v, _ in videos:
+        np.testing.assert_allclose(one.embeddings([one.position[v]]), two.embeddings([two.position[v]]), atol=1e-5)
+        np.testing.assert_allclose(one.frames(one.position[v]), two.frames(two.position[v]), atol=1e-5)
     # an undecodable video: one line, nothing written
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
     status, _, err = run(search, ["--index_dir", tmp_path / "idx", "--query", tmp_path / "broken.mp4",
