@@ -231,7 +231,8 @@ def main():
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
         for q, (query, rows) in enumerate(results.items()):
-            name = query.replace(os.sep, "_") + ".png"
+            # a video file's plot is named after the file, an id's after the id ('/' -> '_')
+            name = (os.path.basename(query) if os.path.isfile(query) else query).replace(os.sep, "_") + ".png"
             plot_matches(os.path.join(args.plot, name), query, query_frames[q], [(p, s) for p, s, _ in rows[:4]],
                          store)
         print(f"wrote {len(results)} plots to {args.plot}")
