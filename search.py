@@ -150,7 +150,8 @@ def plot_matches(path, query, query_frames, matches, store):
         axis.imshow(similarities, vmin=-1, vmax=1, cmap="viridis", aspect="auto")
         axis.set_title(f"{store.ids[position]}\n{score:.3f}", fontsize=8)
         axis.set_xlabel("its frames")
-        axis.set_ylabel(f"{query} frames")
+        axis.set_ylabel("query frames")
+    figure.suptitle(os.path.basename(query), fontsize=9)
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=80)
