@@ -38,7 +38,7 @@ import numpy as np
 import report
 from data import ANNOTATION_FILES, DATASETS, DATASETS_DIR, load_benchmark
 from retrieval import (METRICS, PADDING_SIZE, evaluate_similarities, load_model, load_similarities, parse_metrics,
-                       save_similarities, score_benchmark)
+                       save_similarities, score_benchmark, shortlist_similarities)
 from utils import (FRAMES_PER_BATCH, UserError, atomic_path, check_outputs_apart, check_writable, init_distributed,
                    local_device, os_error_line, run_main)
 
@@ -58,7 +58,9 @@ def get_args_parser():
                              "format is evaluated from its own directory")
     # precomputed similarities
     parser.add_argument("--similarities", type=str, default=None,
-                        help="Evaluate these precomputed similarities (.json, .npz, .h5) instead of a model")
+                        help="Evaluate these precomputed similarities (.json, .npz, .h5) instead of a model. A top-k "
+                             "file (search.py --json_out) lists k videos per query: evaluate it on FIVR with "
+                             "--protocol full, where unlisted relevant videos count as misses")
     # model mode
     parser.add_argument("-fp", "--feature_path", type=str, default=None,
                         help="HDF5 file of frame features, one (T, C) dataset per video id")
@@ -95,6 +97,11 @@ def get_args_parser():
                              "(TCA_sym) of frame embeddings; a comma-separated list or 'all' scores every one from "
                              "a single read and encoding of each video, one table row per metric "
                              "(default: %(default)s)")
+    parser.add_argument("--shortlist", type=int, default=None,
+                        help="Coarse to fine, as search.py: each query's TCA_c top-K re-scored by --metric "
+                             "(chamfer or symmetric_chamfer) and ranked above the rest, which keep their TCA_c order "
+                             "(saved scores: the frame-level score + 3 for the shortlist, the cosine for the rest); "
+                             "prints the frame pairs compared, as a fraction of exhaustive")
     parser.add_argument("--frames_per_batch", type=int, default=FRAMES_PER_BATCH,
                         help="Padded frames encoded per forward pass, bounds memory (default: %(default)s)")
     parser.add_argument("--device", type=str, default=None,
@@ -171,6 +178,10 @@ def main():
     elif args.save_similarities:
         raise UserError("--save_similarities writes a model's similarities; it needs model mode")
     metrics = parse_metrics(args.metric) if not args.similarities else ["precomputed"]
+    if args.shortlist is not None and (args.similarities or args.shortlist < 1
+                                       or metrics not in (["chamfer"], ["symmetric_chamfer"])):
+        raise UserError("--shortlist K (>= 1) re-ranks a model's TCA_c top-K: give it with --metric chamfer or "
+                        "--metric symmetric_chamfer")
     outputs = {f"--{flag}": getattr(args, flag) for flag in ("json_out", "results_csv", "pr_curve", "plot", "per_query")}
     for m in metrics if args.save_similarities else []:
         outputs["--save_similarities" + (f" ({m})" if len(metrics) > 1 else "")] = similarity_path(
@@ -198,9 +209,17 @@ def main():
             from model import ARCHITECTURE_FLAGS
             flags = {flag: getattr(args, flag) for flag in ARCHITECTURE_FLAGS}
             model = load_model(args.model_path, flags, device)
-        query_ids, database_ids, similarities, stats, evaluations = score_benchmark(
-            model, benchmark, args.feature_path, metrics, padding_size=args.padding_size,
-            frames_per_batch=args.frames_per_batch, device=device, dist=dist, protocol=args.protocol)
+        if args.shortlist is not None:
+            if dist.size > 1:
+                raise UserError("--shortlist runs in one process (not under horovodrun)")
+            query_ids, database_ids, similarities, stats = shortlist_similarities(
+                model, benchmark, args.feature_path, metrics[0], args.shortlist, args.padding_size,
+                args.frames_per_batch, device)
+            evaluations = evaluate_similarities(benchmark, query_ids, database_ids, similarities, args.protocol)
+        else:
+            query_ids, database_ids, similarities, stats, evaluations = score_benchmark(
+                model, benchmark, args.feature_path, metrics, padding_size=args.padding_size,
+                frames_per_batch=args.frames_per_batch, device=device, dist=dist, protocol=args.protocol)
         if dist.rank != 0:
             return  # rank 0 evaluates and writes every output
 
@@ -214,6 +233,9 @@ def main():
         print(f"{stats['s_per_query']:.4f} s/query, {storage}, "
               f"database encoding {stats['database_s_per_video'] * 1000:.2f} ms/video; "
               f"encoded and scored in {stats['seconds']:.2f} s" + (f" on {dist.size} ranks" if dist.size > 1 else ""))
+    if "frame_pairs" in stats:
+        print(f"shortlist {args.shortlist}: {stats['frame_pairs']:,} frame pairs compared, "
+              f"{stats['frame_pairs'] / stats['exhaustive_frame_pairs']:.2%} of exhaustive {metrics[0]}")
 
     # every output is tried: one that fails (disk full, ...) is reported and does not stop the others
     failed = []

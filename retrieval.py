@@ -474,3 +474,104 @@ def evaluate_model(model, benchmark, feature_path, metrics=("cosine",), padding_
     evaluations = score_benchmark(model, benchmark, feature_path, list(metrics), padding_size, dist=dist,
                                   **kwargs).evaluations
     return None if evaluations is None else {m: e.metrics for m, e in evaluations.items()}
+
+
+# --------------------------------------------------------------------------
+# coarse to fine: a TCA_c shortlist re-scored by a frame-level metric
+# (search.py's two stages; evaluation.py --shortlist measures them)
+
+# Added to a shortlisted video's frame-level score so it ranks above every
+# video outside the shortlist, whose cosine is at most 1 (a chamfer is >= -1).
+SHORTLIST_OFFSET = 3.0
+
+
+def frame_scores(query_frames, videos, metric, device="cpu", frames_per_batch=FRAMES_PER_BATCH):
+    """`metric` (chamfer: TCA_f, symmetric_chamfer: TCA_sym) of one query's
+    frame embeddings (Tq, C) against each video of `videos` [(T_i, C)], in
+    batches of similar length so little goes to padding; (n,) float32 numpy."""
+    import torch
+
+    from similarity import chamfer_similarity, symmetric_chamfer_similarity
+    score = {"chamfer": chamfer_similarity, "symmetric_chamfer": symmetric_chamfer_similarity}[metric]
+    query = torch.as_tensor(query_frames, dtype=torch.float32, device=device)[None]  # (1, Tq, C)
+    lengths = np.array([len(v) for v in videos], dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    scores = np.empty(len(videos), dtype=np.float32)
+    with torch.no_grad():
+        for start, stop in length_buckets(lengths[order].tolist(), frames_per_batch, BATCH_LENGTH_SPREAD,
+                                          BATCH_LENGTH_SLACK):
+            batch = order[start:stop]
+            padded, num_frames = pad_sequences([torch.as_tensor(videos[i]) for i in batch], device=device)
+            scores[batch] = score(query, None, padded, num_frames)[0].cpu().numpy()
+    return scores
+
+
+def shortlist_ranking(coarse, fine, shortlists):
+    """(Q, D) scores ranking each query's shortlist (Q, K column indices) by
+    its frame-level scores fine (Q, K), above the rest, which keep their
+    TCA_c order (coarse (Q, D)): so a protocol's relevant set never loses a
+    video, and a shortlist of every video is the frame-level ranking itself."""
+    ranked = np.array(coarse, dtype=np.float32, copy=True)
+    np.put_along_axis(ranked, shortlists, np.asarray(fine, dtype=np.float32) + SHORTLIST_OFFSET, axis=1)
+    return ranked
+
+
+def rerank_shortlists(model, features, query_keys, query_lengths, database_keys, database_lengths, shortlists,
+                      metric, padding_size=PADDING_SIZE, frames_per_batch=FRAMES_PER_BATCH, device="cpu"):
+    """The frame-level `metric` of each query (of an open feature file)
+    against the database videos of its shortlist (Q, K indices into
+    database_keys), encoding each shortlisted video once and comparing only
+    the shortlisted pairs. Returns (fine (Q, K) float32, frame pairs
+    compared)."""
+    encode = functools.partial(encode_videos, model, features, video_level=False, frame_level=True,
+                               padding_size=padding_size, frames_per_batch=frames_per_batch, device=device)
+    query_frames = [None] * len(query_keys)
+    for batch in encode(query_keys, query_lengths, desc="queries (frames)"):
+        for n, i in enumerate(batch.indices):
+            query_frames[i] = batch.frames[n, :batch.num_frames[n]]
+    needed = np.unique(shortlists)
+    wanted = collections.defaultdict(list)  # database index -> [(query, slot in its shortlist)]
+    for q, row in enumerate(shortlists):
+        for slot, d in enumerate(row.tolist()):
+            wanted[d].append((q, slot))
+    fine, pairs = np.full(shortlists.shape, np.nan, dtype=np.float32), 0
+    for batch in encode([database_keys[i] for i in needed], database_lengths[needed], desc="shortlisted videos"):
+        by_query = collections.defaultdict(list)  # query -> [(video of the batch, slot)]
+        for n, i in enumerate(batch.indices.tolist()):
+            for q, slot in wanted[int(needed[i])]:
+                by_query[q].append((n, slot))
+        for q, hits in by_query.items():
+            videos = [batch.frames[n, :batch.num_frames[n]] for n, _ in hits]
+            fine[q, [slot for _, slot in hits]] = frame_scores(query_frames[q], videos, metric, device,
+                                                               frames_per_batch)
+            pairs += int(query_lengths[q]) * sum(int(database_lengths[needed[batch.indices[n]]]) for n, _ in hits)
+    return fine, pairs
+
+
+def shortlist_similarities(model, benchmark, feature_path, metric, shortlist, padding_size=PADDING_SIZE,
+                           frames_per_batch=FRAMES_PER_BATCH, device="cpu"):
+    """evaluation.py --shortlist: the benchmark scored as search.py scores a
+    collection, exhaustively measured. TCA_c of every pair, then each query's
+    top-`shortlist` re-scored by the frame-level `metric` and ranked above the
+    rest (shortlist_ranking). Returns (query ids, database ids, {metric:
+    (Q, D)}, stats: model_similarities' (of the cosine pass) plus the frame
+    pairs compared and those of an exhaustive `metric`)."""
+    with open_features(feature_path) as features:
+        query_ids, database_ids, similarities, stats = model_similarities(
+            model, features, feature_path, benchmark, ["cosine"], padding_size, frames_per_batch, device)
+        coarse = similarities["cosine"]
+
+        def located(ids):  # the keys and lengths find_features found (it has warned about the others)
+            keys = [next(k for k in benchmark.feature_keys(v) if k in features) for v in ids]
+            return keys, np.array([features[k].shape[0] for k in keys], dtype=np.int64)
+        query_keys, query_lengths = located(query_ids)
+        database_keys, database_lengths = located(database_ids)
+        t0 = time.perf_counter()
+        shortlists = np.argsort(-coarse, axis=1, kind="stable")[:, :min(shortlist, len(database_ids))]  # (Q, K)
+        fine, pairs = rerank_shortlists(model, features, query_keys, query_lengths, database_keys, database_lengths,
+                                        shortlists, metric, padding_size, frames_per_batch, device)
+    stats["s_per_query"] += (time.perf_counter() - t0) / len(query_ids)
+    stats["storage_kb_per_video"] = {metric: stats["storage_kb_per_video"]["cosine"]}  # the index; frames on disk
+    stats["frame_pairs"] = pairs
+    stats["exhaustive_frame_pairs"] = int(query_lengths.sum()) * int(database_lengths.sum())
+    return query_ids, database_ids, {metric: shortlist_ranking(coarse, fine, shortlists)}, stats

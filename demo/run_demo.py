@@ -8,6 +8,8 @@
                                         eval split every epoch (curves.png, TensorBoard in model/)
     5. evaluation.py                    FIVR-style DSVR/CSVR/ISVR mAP of the untrained baseline
                                         (PCA features, mean / chamfer) and TCA_c, TCA_f, TCA_sym
+    6. index.py, search.py              the eval split indexed, searched with two query video files
+                                        (docs/search.md)
 
 Every command is printed before it runs, so each step can be re-run by hand.
 A step whose output already exists is skipped: delete --out to start over.
@@ -28,7 +30,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import UserError, run_main  # noqa: E402
+from utils import UserError, load_pickle, run_main  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ["DSVR", "CSVR", "ISVR"]
@@ -251,6 +253,22 @@ def main():
     with open(os.path.join(results, "table.md"), "w") as f:
         f.write(text + "\n")
     print(f"\nmini benchmark (FIVR format), {time.time() - start:.0f} s in all, outputs in {out}\n{text}")
+
+    # search your own videos (docs/search.md): the eval split indexed (its queries too, so each finds
+    # itself first), then searched with two query *video files*, extracted as the index records
+    index_dir = os.path.join(out, "index")
+    step("index", [py, "index.py", "--model_path", os.path.join(model_dir, "model.pth"), "--feature_path",
+                   os.path.join(feats, "eval_pca.h5"), "--pca_params", pca_params, "--index_dir", index_dir,
+                   "--device", "cpu"], os.path.join(index_dir, "manifest.json"))
+    queries = sorted(load_pickle(os.path.join(bench, "fivr.pickle"))["5k"]["queries"])[:2]
+    with open(os.path.join(bench, "eval_videos.txt")) as f:
+        paths = dict(line.rstrip("\n").split("\t") for line in f if "\t" in line and not line.startswith("#"))
+    search = [py, "search.py", "--index_dir", index_dir, "--query"] + [os.path.join(bench, paths[q]) for q in queries]
+    search += ["--k", "5", "--plot", os.path.join(results, "search"), "--device", "cpu"]
+    search += ["--weights", args.weights] if args.weights else []
+    print(f"[demo] search: {' '.join(search)}", flush=True)
+    if subprocess.run(search, cwd=REPO).returncode != 0:
+        raise UserError("step 'search' failed (command above)")
 
 
 if __name__ == "__main__":

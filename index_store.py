@@ -1,0 +1,265 @@
+"""The on-disk index that index.py writes and search.py reads.
+
+    IDX/manifest.json     how it was made: checkpoint SHA-256 and model
+                          arguments, the extraction settings the features
+                          record (PCA hash included), padding_size, frame
+                          dtype, index_factory, counts
+    IDX/model.pth         a copy of the checkpoint   } a video-file query needs
+    IDX/pca_params.npz    a copy of the PCA params   } nothing but the index
+    IDX/parts/part-RRRRRR-KKKK-NNNNNN.h5   one per checkpoint of run R, rank K: `ids` (n,), `embeddings`
+                          (n, C) float32 TCA_c, `frames` (F, C) float16 (or
+                          float32) TCA frame embeddings of the n videos end to
+                          end, `offsets` (n + 1,) into frames
+    IDX/index.faiss       the TCA_c embeddings of the parts, in part order
+                          (FAISS id = position in that order)
+    IDX/index.lock        held by the one run writing IDX
+
+Every file is written under a temporary name and renamed, so a killed run
+leaves finished parts and the previous index.faiss, never half a file; the
+frame store is read a shortlist at a time (one slice per video), never whole.
+"""
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+
+import h5py
+import numpy as np
+
+from utils import UserError, atomic_path, hdf5_errors
+
+MANIFEST, FAISS_FILE, MODEL_FILE, PCA_FILE = "manifest.json", "index.faiss", "model.pth", "pca_params.npz"
+# part-<round>-<rank>-<number>.h5: a round per index.py run, so that the parts
+# of a later run (an --add, a resumed build) sort after every earlier one and
+# the FAISS ids of the videos already indexed never move
+PART_PATTERN = re.compile(r"part-(\d{6})-(\d{4})-(\d{6})\.h5")
+FORMAT = 1  # of this layout, in the manifest
+
+# The first-stage index by collection size (bench/NOTES.md, "Choosing the
+# index"): exact inner product up to the size measured (2x10^5: ~0.1 s/query,
+# small next to re-ranking 1000 videos), then an inverted file with 128-byte
+# PQ codes (162 B/video resident vs 4 KB) at nprobe 256, which kept 98.7% of
+# exact's re-scored mAP on the clustered set (nprobe 16 and 64: 90%, 95%).
+EXACT_UP_TO = 200_000
+DEFAULT_NPROBE = 256
+
+
+def default_factory(count):
+    """The FAISS index_factory string for a collection of `count` videos."""
+    if count <= EXACT_UP_TO:
+        return "Flat"
+    # ~sqrt(N) lists (FAISS's guideline 4..16 sqrt(N)), at least 39 training points per list
+    nlist = 1024 if count <= 2_000_000 else 4096
+    return f"IVF{nlist},PQ128"
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def jsonable(value):
+    """HDF5 attributes (numpy scalars and arrays) as JSON values."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def first_difference(recorded, given):
+    """The first key (sorted) whose value differs, with both values, or None."""
+    for key in sorted(set(recorded) | set(given)):
+        if recorded.get(key) != given.get(key):
+            return key, recorded.get(key), given.get(key)
+    return None
+
+
+def check_same(path, recorded, given, what=""):
+    """One UserError naming the first setting in which `given` (what: whose
+    settings, e.g. a query file's) differs from what `path` records."""
+    difference = first_difference(recorded, given)
+    if difference is not None:
+        key, old, new = difference
+        raise UserError(f"{path}: made with {key}={old!r}, not {new!r}" + (f" as {what}" if what else ""))
+
+
+# --------------------------------------------------------------------------
+# manifest
+
+def read_manifest(index_dir):
+    path = os.path.join(index_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise UserError(f"{index_dir}: not an index (no {MANIFEST}; index.py makes one)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: not an index manifest of format {FORMAT}")
+    return manifest
+
+
+def write_manifest(index_dir, manifest):
+    path = os.path.join(index_dir, MANIFEST)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def copy_file(source, destination):
+    with atomic_path(destination) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+# --------------------------------------------------------------------------
+# parts: the embeddings and the frame store
+
+def part_paths(index_dir):
+    return sorted(p for p in glob.glob(os.path.join(index_dir, "parts", "part-*.h5"))
+                  if PART_PATTERN.fullmatch(os.path.basename(p)))
+
+
+def next_round(index_dir):
+    """The round number of a new index.py run: after every part there is."""
+    paths = part_paths(index_dir)
+    return int(PART_PATTERN.fullmatch(os.path.basename(paths[-1])).group(1)) + 1 if paths else 1
+
+
+def write_part(index_dir, ids, embeddings, frames, frame_dtype, round_number, rank, number):
+    """Part `number` of (round, rank): `ids` (n,), `embeddings` (n, C), frames [(T_i, C)]."""
+    path = os.path.join(index_dir, "parts", f"part-{round_number:06d}-{rank:04d}-{number:06d}.h5")
+    offsets = np.cumsum([0] + [len(f) for f in frames]).astype(np.int64)
+    # built in memory and written by Python: a full disk is one OSError, no partial file
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        f["ids"] = np.array(ids, dtype=object)
+        f["embeddings"] = np.asarray(embeddings, dtype=np.float32)
+        f["offsets"] = offsets
+        # chunks of 64 frames: a shortlist reads a video's slice, not the part
+        f.create_dataset("frames", data=np.concatenate(frames).astype(frame_dtype),
+                         chunks=(min(64, int(offsets[-1])), frames[0].shape[1]))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(image.getbuffer())
+    return path
+
+
+class FrameStore:
+    """The parts of an index, read lazily: ids in FAISS order, each video's
+    TCA_c embedding and its frame embeddings, by position."""
+
+    def __init__(self, index_dir):
+        self.paths = part_paths(index_dir)
+        self._files = {}
+        ids, sizes = [], []
+        for path in self.paths:
+            with hdf5_errors(path):
+                part_ids = self._file(path)["ids"].asstr()[:].tolist()
+            ids += part_ids
+            sizes.append(len(part_ids))
+        self.ids = ids
+        self.part_starts = np.cumsum([0] + sizes)  # (P + 1,)
+        self.position = {v: i for i, v in enumerate(ids)}
+
+    def _file(self, path):
+        if path not in self._files:
+            try:
+                self._files[path] = h5py.File(path, "r")
+            except OSError as e:
+                raise UserError(f"{path}: cannot read the frame store ({e})") from None
+        return self._files[path]
+
+    def _locate(self, position):
+        part = int(np.searchsorted(self.part_starts, position, side="right")) - 1
+        return self.paths[part], position - int(self.part_starts[part])
+
+    def embeddings(self, positions):
+        """(n, C) float32 TCA_c embeddings of these positions."""
+        rows = []
+        for position in positions:
+            path, row = self._locate(position)
+            with hdf5_errors(path, self.ids[position]):
+                rows.append(self._file(path)["embeddings"][row])
+        return np.stack(rows).astype(np.float32)
+
+    def frames(self, position):
+        """(T, C) float32 frame embeddings of the video at `position`."""
+        path, row = self._locate(position)
+        with hdf5_errors(path, self.ids[position]):
+            part = self._file(path)
+            start, stop = part["offsets"][row:row + 2]
+            return np.asarray(part["frames"][start:stop], dtype=np.float32)
+
+    def part_embeddings(self, number):
+        """(n, C) float32 embeddings of part `number` (0-based)."""
+        path = self.paths[number]
+        with hdf5_errors(path):
+            return np.asarray(self._file(path)["embeddings"][()], dtype=np.float32)
+
+    def frames_count(self, number):
+        """Frames stored in part `number` (0-based)."""
+        path = self.paths[number]
+        with hdf5_errors(path):
+            return int(self._file(path)["offsets"][-1])
+
+    def close(self):
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+
+# --------------------------------------------------------------------------
+# the FAISS index
+
+def new_faiss_index(factory, channels):
+    """An empty inner-product index of `factory` for `channels`-d embeddings."""
+    import faiss
+    try:
+        index = faiss.index_factory(channels, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise UserError(f"--index_factory {factory}: FAISS cannot build it ({str(e).splitlines()[0]})") from None
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and hasattr(faiss.downcast_index(ivf), "pq"):
+        # 64 training points per code (FAISS's default: 256): training 128
+        # sub-quantizers took 475 s at 256 on 2 cores (bench/NOTES.md)
+        faiss.downcast_index(ivf).pq.cp.max_points_per_centroid = 64
+    return index
+
+
+def set_search_parameter(index, nprobe=None, ef_search=None):
+    """nprobe of an inverted file, efSearch of an HNSW graph; exact indexes have neither."""
+    import faiss
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and nprobe is not None:
+        ivf.nprobe = nprobe
+    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    if hnsw is not None and ef_search is not None:
+        hnsw.efSearch = ef_search
+
+
+def write_faiss(index, index_dir):
+    import faiss
+    with atomic_path(os.path.join(index_dir, FAISS_FILE)) as tmp:
+        faiss.write_index(index, tmp)
+
+
+def read_faiss(index_dir):
+    import faiss
+    path = os.path.join(index_dir, FAISS_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing (index.py was stopped before it wrote the index: run it again)")
+    try:
+        return faiss.read_index(path)
+    except RuntimeError as e:
+        raise UserError(f"{path}: cannot read the FAISS index ({str(e).splitlines()[0]})") from None

