@@ -18,12 +18,13 @@ from model import build_model
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def run(argv, capsys):
-    """Run evaluation.py's main in-process; returns (exit status, stdout, stderr)."""
+def run_entry_point(module, argv, capsys):
+    """Run an entry point's main in-process, as `python module.py argv`;
+    returns (exit status, stdout, stderr)."""
     old = sys.argv
-    sys.argv = ["evaluation.py"] + [str(a) for a in argv]
+    sys.argv = [module.__name__ + ".py"] + [str(a) for a in argv]
     try:
-        evaluation.run_main(evaluation.main)
+        module.run_main(module.main)
         status = 0
     except SystemExit as e:
         status = e.code
@@ -31,6 +32,11 @@ def run(argv, capsys):
         sys.argv = old
     out = capsys.readouterr()
     return status, out.out, out.err
+
+
+def run(argv, capsys):
+    """evaluation.py's main, in-process."""
+    return run_entry_point(evaluation, argv, capsys)
 
 
 C = 16

@@ -16,25 +16,11 @@ import index
 import index_store
 import search
 from model import build_model
+from evaluation_helpers import run_entry_point as run
 from retrieval import load_similarities
 
 C = 16
 DATABASE = ["a", "b", "n1", "n2", "n3", "n4", "n5", "n6"]
-
-
-def run(module, argv, capsys):
-    """Run an entry point's main in-process; returns (exit status, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = [module.__name__ + ".py"] + [str(a) for a in argv]
-    try:
-        module.run_main(module.main)
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 @pytest.fixture(scope="module")
