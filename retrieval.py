@@ -30,8 +30,8 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from utils import (FRAMES_PER_BATCH, UserError, atomic_path, gather_rows, l2_normalize, length_buckets,
-                   load_checkpoint, open_features, pad_sequences, rank_share, read_features)
+from utils import (FRAMES_PER_BATCH, UserError, atomic_path, check_input_file, gather_rows, l2_normalize,
+                   length_buckets, load_checkpoint, open_features, pad_sequences, rank_share, read_features)
 
 # torch, model and similarity are imported inside the functions that use
 # them: evaluating a similarity file imports this module's callers but needs
@@ -320,8 +320,7 @@ def model_similarities(model, features, feature_path, benchmark, metrics, paddin
 def load_similarities(path):
     """Read a similarity file. Returns (query ids, database ids, (Q, D) array);
     entries a JSON file does not give are NaN."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: similarity file not found")
+    check_input_file(path, "similarity file")
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".json":
@@ -392,8 +391,13 @@ def _similarities_from_json(path):
 
 
 def _check_scores(path, queries, database, similarities):
-    """NaN means "not computed"; an infinite score, or a file with no score
-    at all, is an error naming the file (and the pair)."""
+    """NaN means "not computed"; an id listed twice, an infinite score, or a
+    file with no score at all, is an error naming the file (and the id or pair)."""
+    for kind, ids in (("query", queries), ("database", database)):
+        seen = set()
+        twice = next((v for v in ids if v in seen or seen.add(v)), None)
+        if twice is not None:
+            raise UserError(f"{path}: lists the {kind} id {twice!r} twice")
     infinite = np.isinf(similarities)
     if infinite.any():
         i, j = np.argwhere(infinite)[0]

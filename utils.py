@@ -54,11 +54,25 @@ def run_main(main):
         sys.exit(130)
 
 
+def disk_is_full(path):
+    """Whether the filesystem that holds (or would hold) `path` has next to no
+    space left: how a short write is told apart where the writer's error
+    carries no errno (numpy's tofile: "3538944 requested and 2097024
+    written"; torch.save: "unexpected pos")."""
+    import shutil
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free < (1 << 20)
+
+
 def os_error_line(error, path=None):
     """`<path>: <reason>` of an OSError, naming `path` if given, else the
     file the error names."""
     path = path or error.filename
     reason = error.strerror or str(error)
+    if error.errno is None and path and disk_is_full(path):
+        reason = "No space left on device"
     return f"{os.fspath(path)}: {reason}" if path else reason
 
 
@@ -189,6 +203,16 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise _RefusedGlobal(f"refusing to load {module}.{name}: only plain data is allowed")
 
 
+def check_input_file(path, what):
+    """Refuse, in one line, an input `path` that is not a file: a directory
+    says so ("is a directory, not a checkpoint"), a missing path says "not
+    found". `what` names the kind of file the flag wants."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory, not {'an' if what[0] in 'aeiou' else 'a'} {what}")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} not found")
+
+
 def load_pickle(path):
     """Load an annotation pickle holding plain data only.
 
@@ -197,8 +221,7 @@ def load_pickle(path):
     anything other than plain data.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: annotation file not found")
+    check_input_file(path, "annotation file")
     try:
         with open(path, "rb") as f:
             return _PlainDataUnpickler(f, encoding="latin1").load()
@@ -218,8 +241,7 @@ def load_torch_file(path, map_location="cpu"):
 
     import torch
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: checkpoint not found")
+    check_input_file(path, "checkpoint")
     try:
         with warnings.catch_warnings():  # a plain pickle's protocol warning, which repeats that advice
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -274,8 +296,8 @@ def open_features(path, mode="r"):
     a FeatureFile: every error of HDF5 on opening it, finding a video in it
     or reading one is one UserError naming the file (and the video)."""
     path = os.fspath(path)
-    if mode == "r" and not os.path.isfile(path):
-        raise UserError(f"{path}: feature file not found")
+    if mode == "r":
+        check_input_file(path, "feature file")
     try:
         return FeatureFile(path, mode)
     except OSError as e:
@@ -447,14 +469,12 @@ def atomic_torch_save(obj, path):
     """torch.save through atomic_path; torch's own write errors (a full disk
     reads "enforce fail at inline_container.cc ... unexpected pos") become
     one line naming `path`."""
-    import shutil
     import torch
     with atomic_path(path) as tmp:
         try:
             torch.save(obj, tmp)
         except RuntimeError as e:
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free
-            reason = "No space left on device" if free < (1 << 20) else str(e).splitlines()[0]
+            reason = "No space left on device" if disk_is_full(tmp) else str(e).splitlines()[0]
             raise UserError(f"{path}: cannot write ({reason})") from None
 
 

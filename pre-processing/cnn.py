@@ -15,7 +15,7 @@ import torchvision
 from torchvision.transforms.v2 import functional as TF
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import UserError, l2_normalize, load_state_dict  # noqa: E402
+from utils import UserError, check_input_file, l2_normalize, load_state_dict  # noqa: E402
 from writer import file_digest  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -111,8 +111,7 @@ def weights_identity(weights=None):
     or the weights file's 'sha256:...'."""
     if weights is None or weights == RANDOM_WEIGHTS:
         return weights or IMAGENET_WEIGHTS
-    if not os.path.isfile(weights):
-        raise UserError(f"{weights}: weights file not found")
+    check_input_file(weights, "weights file")
     return file_digest(weights)
 
 

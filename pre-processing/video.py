@@ -123,6 +123,8 @@ def decode_windows(path, fps=1.0, size=FRAME_SIZE, threads=1, skip_unused=True, 
     the duration its container declares (a truncated download): a caller
     keeps nothing of a video until the generator is exhausted.
     """
+    if os.path.isdir(path):
+        raise VideoError("is a directory, not a video file")
     if not os.path.isfile(path):
         raise VideoError("file not found")
     if os.path.getsize(path) == 0:

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import UserError, atomic_path, check_finite, l2_normalize  # noqa: E402
+from utils import UserError, atomic_path, check_finite, check_input_file, l2_normalize  # noqa: E402
 
 MIN_EIGENVALUE = 1e-9  # upstream's floor, so whitening never divides by zero
 
@@ -69,8 +69,7 @@ def save_params(path, params):
 
 def load_params(path, components=None):
     """Load a parameters file, keeping the top `components` (default all)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: PCA parameters file not found")
+    check_input_file(path, "PCA parameters file")
     try:
         with np.load(path, allow_pickle=False) as f:
             U, lams, mu = f["U"], f["lams"], f["mu"]

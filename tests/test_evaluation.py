@@ -81,7 +81,10 @@ def test_malformed_similarity_files(annotation_dir, tmp_path, capsys):
     np.savez(tmp_path / "nokeys.npz", x=np.zeros(2))
     np.savez(tmp_path / "shape.npz", queries=np.array(["a"]), database=np.array(["b", "c"]),
              similarities=np.zeros((1, 3)))
-    for name in list(cases) + ["nokeys.npz", "shape.npz", "missing.npz"]:
+    np.savez(tmp_path / "twice.npz", queries=np.array(["a", "a"]), database=np.array(["b", "c"]),
+             similarities=np.zeros((2, 2)))  # the error named no file
+    (tmp_path / "folder.npz").mkdir()
+    for name in list(cases) + ["nokeys.npz", "shape.npz", "twice.npz", "folder.npz", "missing.npz"]:
         status, _, err = run(["--dataset", "EVVE", "--annotation_dir", annotation_dir,
                               "--similarities", tmp_path / name], capsys)
         assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, (name, err)

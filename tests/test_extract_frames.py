@@ -145,3 +145,15 @@ def test_streams_with_nothing_to_skip_or_untrusted_timestamps_are_decoded_in_ful
     path = BIGBUCKBUNNY if name == "bigbuckbunny" else clip(clips, name)
     assert video._plan_kept_frames(path, 1) is None
     assert len(video.decode_frames(path, 1)) == expected
+
+
+def test_a_full_disk_says_so(tmp_path, small_tmpfs):
+    """numpy's short write carries no errno ("1966080 requested and 524160 written"): the line says the
+    disk is full."""
+    from test_preprocessing import run_script, write_list
+    videos = write_list(tmp_path / "videos.tsv", [("bikes", BIKES)])  # 1.9 MB of frames on a 512 KiB disk
+    result = run_script("extract_frames.py", "--video_list", videos, "--output", small_tmpfs / "frames",
+                        "--workers", "0", check=False)
+    assert result.returncode == 2
+    frames = small_tmpfs / "frames" / "bikes.npy"
+    assert result.stderr.strip().splitlines()[-1] == f"error: {frames}: No space left on device"

@@ -456,3 +456,21 @@ def test_missing_video_list_is_one_line_error(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.tsv'}: video list not found "
                                                   "(give a file of 'id<TAB>path' lines or a glob pattern "
                                                   "containing {id})"]
+
+
+def test_a_directory_where_a_file_is_wanted_says_so(tmp_path):
+    """A video-list entry, --params or --weights that is a directory is named as one, not "not found"."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_list(tmp_path / "list.tsv", [("a", folder)])
+    run_script("extract_frames.py", "--video_list", tmp_path / "list.tsv", "--output", tmp_path / "frames")
+    assert (tmp_path / "frames" / "failures.tsv").read_text().splitlines()[1] == \
+        f"a\t{folder}\tis a directory, not a video file"
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["v"] = np.ones((2, 4), np.float32)
+    result = run_script("pca.py", "--apply", tmp_path / "f.h5", "--params", folder, "--output", tmp_path / "o.h5",
+                        "--components", "2", check=False)
+    assert (result.returncode, result.stderr) == (2, f"error: {folder}: is a directory, not a PCA parameters file\n")
+    result = run_script("extract_features.py", "--video_list", tmp_path / "list.tsv", "--output", tmp_path / "x.h5",
+                        "--weights", folder, check=False)
+    assert (result.returncode, result.stderr) == (2, f"error: {folder}: is a directory, not a weights file\n")
