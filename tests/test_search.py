@@ -310,3 +310,53 @@ def test_one_writer_at_a_time(case, capsys, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def horovod(script, *args, np_=2):
+    """Run an entry point under horovodrun --gloo on this host: (status, stdout without rank prefixes, stderr)."""
+    import re
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([horovodrun, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", sys.executable,
+                           os.path.join(root, script), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    return proc.returncode, re.sub(r"^\[\d+\]<std(out|err)>:", "", proc.stdout, flags=re.M), proc.stderr
+
+
+def test_two_shards_search_as_one_index(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "one", "--frame_dtype", "float32")
+    common = ["--model_path", case / "model.pth", "--padding_size", 10, "--frame_dtype", "float32",
+              "--device", "cpu", "--index_dir", tmp_path / "two", "--shards"]
+    status, out, err = horovod("index.py", *common, "--feature_path", case / "database.h5")
+    assert status == 0, out[-3000:] + err[-3000:]
+    assert "holds 8 videos" in out and "in 2 shards" in out
+    shards = [index_store.FrameStore(index_store.shard_dir(tmp_path / "two", r)) for r in range(2)]
+    assert sorted(shards[0].ids + shards[1].ids) == sorted(DATABASE) and shards[0].ids and shards[1].ids
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["shards"] == 2
+    for extra in (["--shortlist", 3, "--k", 3], ["--rerank", "none", "--k", 8]):
+        by_one, _ = search_json(case, capsys, tmp_path / "one", tmp_path, *extra)
+        status, out, err = horovod("search.py", "--index_dir", tmp_path / "two", "--query_features",
+                                   case / "queries.h5", "--device", "cpu", "--json_out", tmp_path / "two.json", *extra)
+        assert status == 0, out[-3000:] + err[-3000:]
+        assert out.count("query q1:") == 1  # rank 0 alone prints
+        by_two = json.loads((tmp_path / "two.json").read_text())
+        assert by_one.keys() == by_two.keys() == {"q1", "q2"}
+        for q in by_one:
+            assert list(by_one[q]) == list(by_two[q])
+            np.testing.assert_allclose(list(by_one[q].values()), list(by_two[q].values()), atol=1e-6)
+    # another number of ranks than shards: one line naming the launcher
+    status, _, err = run(search, ["--index_dir", tmp_path / "two", "--query_ids", "a"], capsys)
+    assert status == 2 and err == f"error: {tmp_path / 'two'}: has 2 shards: search it with horovodrun -np 2 " \
+        "python search.py ...\n"
+    status, _, err = run(index, [*common, "--feature_path", case / "queries.h5", "--add"], capsys)
+    assert status == 2 and "has 2 shards; run it with horovodrun -np 2, not 1 ranks" in err
+    # --add on 2 ranks: the new videos go to the shards, the index ids of an index video query come from its shard
+    status, out, err = horovod("index.py", *common, "--feature_path", case / "queries.h5", "--add")
+    assert status == 0 and "holds 10 videos" in out, out[-3000:] + err[-3000:]
+    status, out, err = horovod("search.py", "--index_dir", tmp_path / "two", "--query_ids", "q1,a", "--k", 2,
+                               "--device", "cpu", "--json_out", tmp_path / "add.json")
+    assert status == 0, out[-3000:] + err[-3000:]
+    added = json.loads((tmp_path / "add.json").read_text())
+    assert list(added["q1"])[0] == "q1" and set(added["a"]) == {"a", "q1"}
