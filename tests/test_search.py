@@ -356,7 +356,61 @@ def test_two_shards_search_as_one_index(case, capsys, tmp_path):
     status, out, err = horovod("index.py", *common, "--feature_path", case / "queries.h5", "--add")
     assert status == 0 and "holds 10 videos" in out, out[-3000:] + err[-3000:]
     status, out, err = horovod("search.py", "--index_dir", tmp_path / "two", "--query_ids", "q1,a", "--k", 2,
-                               "--device", "cpu", "--json_out", tmp_path / "add.json")
+                               "--device", "cpu", "--json_out", tmp_path / "add.json", "--plot", tmp_path / "plots")
     assert status == 0, out[-3000:] + err[-3000:]
     added = json.loads((tmp_path / "add.json").read_text())
     assert list(added["q1"])[0] == "q1" and set(added["a"]) == {"a", "q1"}
+    assert all((tmp_path / "plots" / f"{v}.png").read_bytes()[:4] == b"\x89PNG" for v in ("q1", "a"))
+
+
+def test_ivf_shards_share_one_quantizer(case, capsys, tmp_path):
+    import faiss
+    build(case, capsys, tmp_path / "one", "--frame_dtype", "float32")
+    status, out, err = horovod("index.py", "--model_path", case / "model.pth", "--feature_path", case / "database.h5",
+                               "--padding_size", 10, "--frame_dtype", "float32", "--device", "cpu", "--index_dir",
+                               tmp_path / "two", "--shards", "--index_factory", "IVF2,Flat")
+    assert status == 0, out[-3000:] + err[-3000:]
+    assert "training IVF2,Flat on 8 of 8 embeddings" in out
+    indexes = [index_store.read_faiss(d, name) for d, name in
+               ((tmp_path / "two", index_store.QUANTIZER_FILE),
+                (index_store.shard_dir(tmp_path / "two", 0), index_store.FAISS_FILE),
+                (index_store.shard_dir(tmp_path / "two", 1), index_store.FAISS_FILE))]
+    # (the index must outlive its quantizer's use: FAISS frees it with the index)
+    centroids = [faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, 2) for index in indexes]
+    assert [index.ntotal for index in indexes[1:]] != [0, 0] and sum(index.ntotal for index in indexes) == 8
+    np.testing.assert_array_equal(centroids[0], centroids[1])
+    np.testing.assert_array_equal(centroids[0], centroids[2])
+    # every list probed: exact, so the sharded IVF search is the one Flat index's
+    by_one, _ = search_json(case, capsys, tmp_path / "one", tmp_path, "--k", 8, "--shortlist", 4)
+    status, out, err = horovod("search.py", "--index_dir", tmp_path / "two", "--query_features", case / "queries.h5",
+                               "--device", "cpu", "--json_out", tmp_path / "two.json", "--k", 8, "--shortlist", 4,
+                               "--nprobe", 2)
+    assert status == 0, out[-3000:] + err[-3000:]
+    by_two = json.loads((tmp_path / "two.json").read_text())
+    for q in by_one:
+        assert list(by_one[q]) == list(by_two[q])
+        np.testing.assert_allclose(list(by_one[q].values()), list(by_two[q].values()), atol=1e-6)
+
+
+def test_killed_sharded_build_resumes(case, capsys, tmp_path, monkeypatch):
+    common = ["--model_path", case / "model.pth", "--feature_path", case / "database.h5", "--padding_size", 10,
+              "--device", "cpu", "--checkpoint_every", 0, "--frames_per_batch", 40, "--shards"]
+    build(case, capsys, tmp_path / "clean", "--frames_per_batch", 40)
+    real_write_part, written = index_store.write_part, []
+
+    def killed_after_two(*args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # as a kill between two checkpoints
+        written.append(real_write_part(*args, **kwargs))
+        return written[-1]
+    monkeypatch.setattr(index_store, "write_part", killed_after_two)
+    status, _, _ = run(index, [*common, "--index_dir", tmp_path / "killed"], capsys)
+    assert status == 130
+    monkeypatch.setattr(index_store, "write_part", real_write_part)
+    shard = index_store.shard_dir(tmp_path / "killed", 0)
+    assert len(index_store.part_paths(shard)) == 2
+    status, out, err = run(index, [*common, "--index_dir", tmp_path / "killed"], capsys)
+    assert status == 0 and "are already indexed" in out and "holds 8 videos, 138 frames in 1 shards" in out, err
+    assert sorted(index_store.FrameStore(shard).ids) == sorted(DATABASE)
+    assert search_json(case, capsys, tmp_path / "clean", tmp_path)[0] == \
+        search_json(case, capsys, tmp_path / "killed", tmp_path)[0]
