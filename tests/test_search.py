@@ -122,8 +122,8 @@ def test_json_out_evaluates_with_evaluation_similarities(case, capsys, tmp_path)
     assert "DSVR" in out
 
 
-def test_killed_build_resumes_to_the_same_index(case, capsys, tmp_path, monkeypatch):
-    build(case, capsys, tmp_path / "clean", "--frames_per_batch", 40)  # the same batches: the same rounding
+def killed_after_two_parts(case, capsys, index_dir, monkeypatch, *extra):
+    """index.py on the database, killed (as by Ctrl-C) after writing two parts."""
     written = []
     real_write_part = index_store.write_part
 
@@ -134,10 +134,15 @@ def test_killed_build_resumes_to_the_same_index(case, capsys, tmp_path, monkeypa
         return written[-1]
     monkeypatch.setattr(index_store, "write_part", killed_after_two)
     status, _, _ = run(index, ["--model_path", case / "model.pth", "--feature_path", case / "database.h5",
-                               "--index_dir", tmp_path / "killed", "--padding_size", 10, "--device", "cpu",
-                               "--checkpoint_every", 0, "--frames_per_batch", 40], capsys)
+                               "--index_dir", index_dir, "--padding_size", 10, "--device", "cpu",
+                               "--checkpoint_every", 0, "--frames_per_batch", 40, *extra], capsys)
     assert status == 130
     monkeypatch.setattr(index_store, "write_part", real_write_part)
+
+
+def test_killed_build_resumes_to_the_same_index(case, capsys, tmp_path, monkeypatch):
+    build(case, capsys, tmp_path / "clean", "--frames_per_batch", 40)  # the same batches: the same rounding
+    killed_after_two_parts(case, capsys, tmp_path / "killed", monkeypatch)
     assert len(index_store.part_paths(tmp_path / "killed")) == 2
     assert not (tmp_path / "killed" / "index.faiss").exists()
     status, _, err = run(search, ["--index_dir", tmp_path / "killed", "--query_ids", "a"], capsys)
@@ -264,21 +269,26 @@ def test_a_video_file_query_equals_its_extracted_features(case, capsys, tmp_path
     assert not (tmp_path / "b.json").exists()
 
 
-def test_two_horovod_ranks_build_the_index_of_one_process(case, capsys, tmp_path):
+def horovod(script, *args, np_=2):
+    """Run an entry point under horovodrun --gloo on this host: (status, stdout without rank prefixes, stderr)."""
     import re
     import subprocess
-    build(case, capsys, tmp_path / "one", "--frame_dtype", "float32")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
-                           os.path.join(root, "index.py"), "--model_path", str(case / "model.pth"), "--feature_path",
-                           str(case / "database.h5"), "--index_dir", str(tmp_path / "two"), "--padding_size", "10",
-                           "--frame_dtype", "float32", "--device", "cpu"],
+    proc = subprocess.run([horovodrun, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", sys.executable,
+                           os.path.join(root, script), *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=300, cwd=root)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stdout = re.sub(r"^\[\d+\]<stdout>:", "", proc.stdout, flags=re.M)
-    assert "on 2 ranks" in stdout and "holds 8 videos" in stdout
+    return proc.returncode, re.sub(r"^\[\d+\]<std(out|err)>:", "", proc.stdout, flags=re.M), proc.stderr
+
+
+def test_two_horovod_ranks_build_the_index_of_one_process(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "one", "--frame_dtype", "float32")
+    status, out, err = horovod("index.py", "--model_path", case / "model.pth", "--feature_path", case / "database.h5",
+                               "--index_dir", tmp_path / "two", "--padding_size", 10, "--frame_dtype", "float32",
+                               "--device", "cpu")
+    assert status == 0, out[-3000:] + err[-3000:]
+    assert "on 2 ranks" in out and "holds 8 videos" in out
     ranks = {os.path.basename(p).split("-")[2] for p in index_store.part_paths(tmp_path / "two")}
     assert ranks == {"0000", "0001"}  # each rank wrote its share
     one, two = index_store.FrameStore(tmp_path / "one"), index_store.FrameStore(tmp_path / "two")
@@ -310,19 +320,6 @@ def test_one_writer_at_a_time(case, capsys, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-
-
-def horovod(script, *args, np_=2):
-    """Run an entry point under horovodrun --gloo on this host: (status, stdout without rank prefixes, stderr)."""
-    import re
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([horovodrun, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", sys.executable,
-                           os.path.join(root, script), *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=root)
-    return proc.returncode, re.sub(r"^\[\d+\]<std(out|err)>:", "", proc.stdout, flags=re.M), proc.stderr
 
 
 def test_two_shards_search_as_one_index(case, capsys, tmp_path):
@@ -396,17 +393,7 @@ def test_killed_sharded_build_resumes(case, capsys, tmp_path, monkeypatch):
     common = ["--model_path", case / "model.pth", "--feature_path", case / "database.h5", "--padding_size", 10,
               "--device", "cpu", "--checkpoint_every", 0, "--frames_per_batch", 40, "--shards"]
     build(case, capsys, tmp_path / "clean", "--frames_per_batch", 40)
-    real_write_part, written = index_store.write_part, []
-
-    def killed_after_two(*args, **kwargs):
-        if len(written) == 2:
-            raise KeyboardInterrupt  # as a kill between two checkpoints
-        written.append(real_write_part(*args, **kwargs))
-        return written[-1]
-    monkeypatch.setattr(index_store, "write_part", killed_after_two)
-    status, _, _ = run(index, [*common, "--index_dir", tmp_path / "killed"], capsys)
-    assert status == 130
-    monkeypatch.setattr(index_store, "write_part", real_write_part)
+    killed_after_two_parts(case, capsys, tmp_path / "killed", monkeypatch, "--shards")
     shard = index_store.shard_dir(tmp_path / "killed", 0)
     assert len(index_store.part_paths(shard)) == 2
     status, out, err = run(index, [*common, "--index_dir", tmp_path / "killed"], capsys)
