@@ -23,7 +23,11 @@ Several processes or hosts (the feature file on a shared disk, IDX too):
     horovodrun -np 8 -H host1:4,host2:4 python index.py ... --index_dir IDX
 each rank encodes its share of the videos (balanced by frames) into its own
 parts; rank 0 then trains the coarse quantizer on a sample and assembles the
-one FAISS index.
+one FAISS index. With --shards each rank keeps its share as a shard of its
+own (IDX/shard-KKKK/: parts and FAISS index), for a collection beyond one
+machine's memory; rank 0 trains the one coarse quantizer on a sample of every
+shard and every shard starts from it. search.py then runs under horovodrun
+with as many ranks; --add and a resumed run need that many ranks too.
 """
 import argparse
 import contextlib
@@ -90,6 +94,10 @@ def get_args_parser():
     parser.add_argument("--train_size", type=int, default=100_000,
                         help="Embeddings (evenly spaced over the collection) that train an IVF/PQ index "
                              "(default: %(default)s)")
+    parser.add_argument("--shards", action="store_true",
+                        help="Under horovodrun -np N: each rank keeps its share as one of N shards (its own FAISS "
+                             "index and frame store), searched by search.py under horovodrun -np N. Fixed when the "
+                             "index is first built")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return parser
 
@@ -129,13 +137,17 @@ def encode_into_parts(model, features, keys, lengths, *, index_dir, padding_size
     return written
 
 
-def build_faiss(index_dir, store, factory, train_size):
+def build_faiss(index_dir, store, factory, train_size, template=None):
     """The FAISS index of every part: index.faiss extended by the parts it
-    does not hold yet, or a new one (trained on evenly spaced embeddings)."""
+    does not hold yet, or a new one: a copy of `template` (a trained empty
+    index), else trained on evenly spaced embeddings."""
     path = os.path.join(index_dir, index_store.FAISS_FILE)
     index = index_store.read_faiss(index_dir) if os.path.isfile(path) else None
     if index is not None and index.ntotal not in store.part_starts:
         index = None  # not a whole number of parts: rebuild
+    if index is None and template is not None:
+        import faiss
+        index = faiss.clone_index(template)
     if index is None:
         channels = store.part_embeddings(0).shape[1]
         index = index_store.new_faiss_index(factory, channels)
@@ -151,9 +163,10 @@ def build_faiss(index_dir, store, factory, train_size):
     return index
 
 
-def prepare(args, settings, lock):
+def prepare(args, settings, lock, size):
     """Rank 0, under the index's lock: check or start the manifest; returns
-    (manifest, the round number of this run)."""
+    (manifest, the round number of this run; None for a sharded index, whose
+    ranks number their own shard's parts)."""
     lock.acquire()
     manifest_path = os.path.join(args.index_dir, index_store.MANIFEST)
     if os.path.isfile(manifest_path):
@@ -165,17 +178,26 @@ def prepare(args, settings, lock):
         if args.index_factory and manifest.get("index_factory") not in (None, args.index_factory):
             raise UserError(f"{args.index_dir}: was built with --index_factory {manifest['index_factory']}, "
                             f"not {args.index_factory}")
+        shards = manifest.get("shards")
+        if bool(shards) != args.shards:
+            raise UserError(f"{args.index_dir}: " + (f"is sharded ({shards} shards): give --shards" if shards else
+                                                     "is not sharded: drop --shards"))
+        if shards and shards != size:
+            raise UserError(f"{args.index_dir}: has {shards} shards; run it with horovodrun -np {shards}, "
+                            f"not {size} ranks")
     else:
         if args.add:
             raise UserError(f"{args.index_dir}: no index to add to (drop --add to build one)")
         manifest = {"format": index_store.FORMAT, "settings": settings, "complete": False,
                     "index_factory": None, "videos": 0, "frames": 0}
+        if args.shards:
+            manifest["shards"] = size
         index_store.copy_file(args.model_path, os.path.join(args.index_dir, index_store.MODEL_FILE))
         if args.pca_params is not None:
             index_store.copy_file(args.pca_params, os.path.join(args.index_dir, index_store.PCA_FILE))
     manifest["complete"] = False  # until the FAISS index holds every part
     index_store.write_manifest(args.index_dir, manifest)
-    return manifest, index_store.next_round(args.index_dir)
+    return manifest, None if args.shards else index_store.next_round(args.index_dir)
 
 
 def finish(args, manifest):
@@ -192,6 +214,57 @@ def finish(args, manifest):
                     parts=len(store.paths), default_nprobe=index_store.DEFAULT_NPROBE)
     index_store.write_manifest(args.index_dir, manifest)
     return int(index.ntotal), frames, factory
+
+
+def finish_shard(args, manifest, dist):
+    """Every rank of a sharded index, once every rank has written its parts:
+    its shard's FAISS index, started from the one trained empty index
+    (IDX/quantizer.faiss: trained by rank 0 on evenly spaced embeddings of
+    every shard the first time), and rank 0 the finished manifest; returns
+    (videos, frames, factory) of the whole."""
+    import faiss
+    own = index_store.shard_dir(args.index_dir, dist.rank)
+    os.makedirs(own, exist_ok=True)  # a rank with no video still has its (empty) shard
+    store = index_store.FrameStore(own)
+    count = len(store.ids)
+    channels = store.part_embeddings(0).shape[1] if count else None
+    counts, channels = zip(*gather_objects(dist, (count, channels)))
+    total, channels = sum(counts), next((c for c in channels if c is not None), None)
+    agree(dist, None if total else f"{args.feature_path or args.video_list}: no video with frames to index")
+    factory = manifest.get("index_factory") or args.index_factory or index_store.default_factory(total)
+    template_path = os.path.join(args.index_dir, index_store.QUANTIZER_FILE)
+    train = on_rank0(dist, lambda: not os.path.isfile(template_path)
+                     and not index_store.new_faiss_index(factory, channels).is_trained)
+    sample = None
+    if train and count:  # this shard's share of the training sample, evenly spaced
+        rows = np.linspace(0, count - 1, max(1, min(count, args.train_size * count // total))).astype(np.int64)
+        sample = store.embeddings(rows)
+    samples = gather_objects(dist, sample) if train else []
+
+    def template():
+        if os.path.isfile(template_path):
+            index = index_store.read_faiss(args.index_dir, index_store.QUANTIZER_FILE)
+        else:
+            index = index_store.new_faiss_index(factory, channels)
+            if not index.is_trained:
+                rows = np.concatenate([s for s in samples if s is not None])
+                print(f"training {factory} on {len(rows):,} of {total:,} embeddings")
+                index.train(rows)
+            index_store.write_faiss(index, args.index_dir, index_store.QUANTIZER_FILE)
+        return faiss.serialize_index(index)
+    trained = faiss.deserialize_index(on_rank0(dist, template))
+    index = build_faiss(own, store, factory, args.train_size, template=trained)
+    frames = int(sum(store.frames_count(i) for i in range(len(store.paths))))
+    store.close()
+    shards = gather_objects(dist, (int(index.ntotal), frames))
+
+    def write():
+        manifest.update(complete=True, index_factory=factory, videos=sum(v for v, _ in shards),
+                        frames=sum(f for _, f in shards), shard_videos=[v for v, _ in shards],
+                        default_nprobe=index_store.DEFAULT_NPROBE)
+        index_store.write_manifest(args.index_dir, manifest)
+        return manifest["videos"], manifest["frames"], factory
+    return on_rank0(dist, write)
 
 
 def video_file_source(args):
@@ -256,15 +329,21 @@ def main():
                                     f"({source} records pca_params {recorded}, this file is {pca_digest})")
             settings = index_settings(args.model_path, model_args, feature_settings, pca_digest, args.padding_size,
                                       args.frame_dtype)
-            manifest, round_number = on_rank0(dist, lambda: prepare(args, settings, lock))
+            manifest, round_number = on_rank0(dist, lambda: prepare(args, settings, lock, dist.size))
+            # a sharded index: this rank's parts go to its own shard, numbered after the shard's own
+            parts_dir = index_store.shard_dir(args.index_dir, dist.rank) if args.shards else args.index_dir
+            if round_number is None:
+                round_number = index_store.next_round(parts_dir)
 
-            store = index_store.FrameStore(args.index_dir)
+            store = index_store.FrameStore(parts_dir)
             done = set(store.ids)
             store.close()
+            if args.shards:  # the videos of every shard
+                done = set().union(*gather_objects(dist, done))
             keys = [v for v in names if v not in done]
             if len(keys) < len(names) and dist.rank == 0:
                 print(f"{len(names) - len(keys):,} of {len(names):,} videos of {source} are already indexed")
-            encode = functools.partial(encode_into_parts, model, index_dir=args.index_dir,
+            encode = functools.partial(encode_into_parts, model, index_dir=parts_dir,
                                        padding_size=args.padding_size, frame_dtype=args.frame_dtype,
                                        frames_per_batch=args.frames_per_batch, device=device,
                                        checkpoint_every=args.checkpoint_every, round_number=round_number,
@@ -293,7 +372,10 @@ def main():
             written = sum(gather_objects(dist, written))
             encode_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        videos, frames, factory = on_rank0(dist, lambda: finish(args, manifest))
+        if args.shards:
+            videos, frames, factory = finish_shard(args, manifest, dist)
+        else:
+            videos, frames, factory = on_rank0(dist, lambda: finish(args, manifest))
         faiss_seconds = time.perf_counter() - started
     finally:
         lock.release()
@@ -301,7 +383,7 @@ def main():
         print(f"indexed {written:,} videos in {encode_seconds:.1f} s" + (f" on {dist.size} ranks" if dist.size > 1
                                                                            else "")
               + f", FAISS {factory} in {faiss_seconds:.1f} s: {args.index_dir} holds {videos:,} videos, "
-              f"{frames:,} frames")
+              f"{frames:,} frames" + (f" in {dist.size} shards" if args.shards else ""))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,13 @@
                           (FAISS id = position in that order)
     IDX/index.lock        held by the one run writing IDX
 
+A sharded index (index.py --shards under horovodrun -np N) keeps, instead of
+IDX/parts and IDX/index.faiss, one folder per rank, IDX/shard-KKKK/ with that
+rank's parts/ and index.faiss (FAISS id = position in the shard), and
+IDX/quantizer.faiss, the trained empty index every shard starts from (one
+coarse quantizer, so the shards' stage-1 scores compare); the manifest says
+how many shards ("shards") and the videos of each ("shard_videos").
+
 Every file is written under a temporary name and renamed, so a killed run
 leaves finished parts and the previous index.faiss, never half a file; the
 frame store is read a shortlist at a time (one slice per video), never whole.
@@ -32,6 +39,7 @@ import numpy as np
 from utils import UserError, atomic_path, hdf5_errors
 
 MANIFEST, FAISS_FILE, MODEL_FILE, PCA_FILE = "manifest.json", "index.faiss", "model.pth", "pca_params.npz"
+QUANTIZER_FILE = "quantizer.faiss"
 # part-<round>-<rank>-<number>.h5: a round per index.py run, so that the parts
 # of a later run (an --add, a resumed build) sort after every earlier one and
 # the FAISS ids of the videos already indexed never move
@@ -54,6 +62,11 @@ def default_factory(count):
     # ~sqrt(N) lists (FAISS's guideline 4..16 sqrt(N)), at least 39 training points per list
     nlist = 1024 if count <= 2_000_000 else 4096
     return f"IVF{nlist},PQ128"
+
+
+def shard_dir(index_dir, shard):
+    """The folder of shard `shard` (a rank) of a sharded index."""
+    return os.path.join(index_dir, f"shard-{shard:04d}")
 
 
 def sha256(path):
@@ -248,15 +261,15 @@ def set_search_parameter(index, nprobe=None, ef_search=None):
         hnsw.efSearch = ef_search
 
 
-def write_faiss(index, index_dir):
+def write_faiss(index, index_dir, name=FAISS_FILE):
     import faiss
-    with atomic_path(os.path.join(index_dir, FAISS_FILE)) as tmp:
+    with atomic_path(os.path.join(index_dir, name)) as tmp:
         faiss.write_index(index, tmp)
 
 
-def read_faiss(index_dir):
+def read_faiss(index_dir, name=FAISS_FILE):
     import faiss
-    path = os.path.join(index_dir, FAISS_FILE)
+    path = os.path.join(index_dir, name)
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing (index.py was stopped before it wrote the index: run it again)")
     try:

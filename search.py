@@ -12,6 +12,13 @@ settings (all, or --query_ids), or --query_ids alone: videos already in the
 index. Every query is embedded as evaluation.py embeds it (the index's
 --padding_size). The output lists, per query, rank, id, score and stage-1
 score, and the seconds of each stage.
+
+A sharded index (index.py --shards) is searched under horovodrun with one
+rank per shard, as it was built:
+    horovodrun -np 8 -H host1:4,host2:4 python search.py --index_dir IDX --query_features queries.h5
+each rank takes its shard's TCA_c top --shortlist, rank 0's merge of them is
+the global shortlist (what one index of every video would give), each rank
+re-ranks the candidates its shard holds, and rank 0 prints the merged top --k.
 """
 import argparse
 import json
@@ -23,8 +30,8 @@ import numpy as np
 
 import index_store
 from retrieval import encode_videos, frame_scores, load_model
-from utils import (UserError, atomic_path, check_outputs_apart, check_writable, init_distributed, local_device,
-                   open_features, run_main)
+from utils import (UserError, agree, atomic_path, check_outputs_apart, check_writable, gather_objects,
+                   init_distributed, local_device, on_rank0, open_features, run_main)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pre-processing"))
 from writer import dataset_names, read_settings  # noqa: E402
@@ -65,10 +72,10 @@ def get_args_parser():
     return parser
 
 
-def query_videos(args, manifest, store):
+def query_videos(args, manifest, known):
     """The queries as (ids, features: dict id -> (T, C) float32 or None for
-    videos of the index). Refuses a features file or video made with other
-    settings than the index's."""
+    videos of the index, whose ids are `known`). Refuses a features file or
+    video made with other settings than the index's."""
     settings = manifest["settings"]
     if args.query_features is not None:
         with open_features(args.query_features) as f:
@@ -82,7 +89,7 @@ def query_videos(args, manifest, store):
             return ids, {v: np.asarray(f[v][()], dtype=np.float32) for v in ids}
     if args.query_ids is not None:
         ids = [v for v in args.query_ids.split(",") if v]
-        unknown = [v for v in ids if v not in store.position]
+        unknown = [v for v in ids if v not in known]
         if unknown:
             raise UserError(f"{args.index_dir}: no video {unknown[0]!r} in the index")
         return ids, None
@@ -124,11 +131,18 @@ def extract_videos(args, settings, paths):
     return {v: np.asarray(x, dtype=np.float32) for v, x in extract(paths, **options)}
 
 
-def embed_queries(model, ids, features, store, padding_size, device):
+def stored_queries(dist, store, ids):
+    """(Q, C) TCA_c embeddings and [(T, C)] frame embeddings of videos of the
+    index, as index.py stored them (each from the shard that holds it)."""
+    held = {}
+    for mine in gather_objects(dist, {v: (store.embeddings([store.position[v]])[0], store.frames(store.position[v]))
+                                      for v in ids if v in store.position}):
+        held.update(mine)
+    return np.stack([held[v][0] for v in ids]).astype(np.float32), [held[v][1] for v in ids]
+
+
+def embed_queries(model, ids, features, padding_size, device):
     """(Q, C) TCA_c embeddings and [(T, C)] frame embeddings of the queries."""
-    if features is None:  # videos of the index: what index.py stored
-        positions = [store.position[v] for v in ids]
-        return store.embeddings(positions), [store.frames(p) for p in positions]
     embeddings, frames = [None] * len(ids), [None] * len(ids)
     lengths = np.array([len(features[v]) for v in ids], dtype=np.int64)
     for batch in encode_videos(model, features, ids, lengths, video_level=True, frame_level=True,
@@ -139,16 +153,17 @@ def embed_queries(model, ids, features, store, padding_size, device):
     return np.stack(embeddings).astype(np.float32), frames
 
 
-def plot_matches(path, query, query_frames, matches, store):
-    """PNG of the query's frame-to-frame similarities against its top matches."""
+def plot_matches(path, query, query_frames, matches):
+    """PNG of the query's frame-to-frame similarities against its top matches
+    [(id, (T, C) frames, score)]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(1, len(matches), figsize=(3.2 * len(matches), 3.4), squeeze=False)
-    for axis, (position, score) in zip(axes[0], matches):
-        similarities = query_frames @ store.frames(position).T  # (Tq, Td)
+    for axis, (video, frames, score) in zip(axes[0], matches):
+        similarities = query_frames @ frames.T  # (Tq, Td)
         axis.imshow(similarities, vmin=-1, vmax=1, cmap="viridis", aspect="auto")
-        axis.set_title(f"{store.ids[position]}\n{score:.3f}", fontsize=8)
+        axis.set_title(f"{video}\n{score:.3f}", fontsize=8)
         axis.set_xlabel("its frames")
         axis.set_ylabel("query frames")
     figure.suptitle(os.path.basename(query), fontsize=9)
@@ -179,65 +194,130 @@ def main():
     manifest = index_store.read_manifest(args.index_dir)
     if not manifest.get("complete"):
         raise UserError(f"{args.index_dir}: unfinished (index.py was stopped): run the same index.py command again")
-    store = index_store.FrameStore(args.index_dir)
-    if len(store.ids) != manifest["videos"]:
-        raise UserError(f"{args.index_dir}: the frame store holds {len(store.ids):,} videos, the manifest "
-                        f"{manifest['videos']:,} (parts missing?)")
-    index = index_store.read_faiss(args.index_dir)
-    if index.ntotal != len(store.ids):
-        raise UserError(f"{args.index_dir}: index.faiss holds {index.ntotal:,} videos, the frame store "
-                        f"{len(store.ids):,}")
-    device = local_device(init_distributed(), args.device)
-    ids, features = query_videos(args, manifest, store)
-    model = None
-    if features is not None:
-        model_path = os.path.join(args.index_dir, index_store.MODEL_FILE)
-        if not os.path.isfile(model_path) or index_store.sha256(model_path) != manifest["settings"]["model_sha256"]:
-            raise UserError(f"{model_path}: missing or not the checkpoint the index was made with")
-        model = load_model(model_path, {}, device)
+    dist = init_distributed()
+    store, index = open_shard(args.index_dir, manifest, dist)
+    device = local_device(dist, args.device)
+    known = None
+    if args.query_features is None and args.query_ids is not None:  # videos of the index: in which shards
+        known = set().union(*gather_objects(dist, set(store.ids)))
+    ids, features = on_rank0(dist, lambda: query_videos(args, manifest, known))
 
     started = time.perf_counter()
-    embeddings, query_frames = embed_queries(model, ids, features, store, manifest["settings"]["padding_size"],
-                                             device)
+    if features is None:
+        embeddings, query_frames = stored_queries(dist, store, ids)
+    else:
+        embeddings, query_frames = on_rank0(dist, lambda: embed_queries(
+            load_index_model(args.index_dir, manifest, device), ids, features, manifest["settings"]["padding_size"],
+            device))
     embed_seconds = time.perf_counter() - started
     started = time.perf_counter()
     index_store.set_search_parameter(index, args.nprobe or manifest.get("default_nprobe"), args.ef_search)
-    shortlist = min(args.shortlist, index.ntotal)
-    coarse, positions = index.search(embeddings, shortlist)  # (Q, S), best first; -1: fewer found
+    shortlist = min(args.shortlist, manifest["videos"])
+    shortlists = global_shortlists(dist, store, index, embeddings, shortlist)
     stage1_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    results = {}
+    scores = {}  # (query number, place in its shortlist) -> stage-2 score, from the shard holding the video
+    if args.rerank != "none":
+        mine = {}
+        for q, candidates in enumerate(shortlists):
+            places = [i for i, (_, shard, _, _) in enumerate(candidates) if shard == dist.rank]
+            if places:
+                found = frame_scores(query_frames[q], [store.frames(candidates[i][2]) for i in places], args.rerank,
+                                     device)
+                mine.update({(q, i): float(score) for i, score in zip(places, found)})
+        for part in gather_objects(dist, mine):
+            scores.update(part)
+    results = {}  # query -> [(shard, position, id, score, stage-1 score)], best first
     for q, query in enumerate(ids):
-        found = positions[q] >= 0
-        candidates, first = positions[q][found], coarse[q][found]
-        if args.rerank == "none":
-            scores = first
-        else:
-            scores = frame_scores(query_frames[q], [store.frames(p) for p in candidates], args.rerank, device)
-        order = np.argsort(-scores, kind="stable")[:args.k]
-        results[query] = [(int(candidates[i]), float(scores[i]), float(first[i])) for i in order]
+        candidates = shortlists[q]
+        first = np.array([c[0] for c in candidates], dtype=np.float32)
+        final = first if args.rerank == "none" else np.array([scores[q, i] for i in range(len(candidates))])
+        order = np.argsort(-final, kind="stable")[:args.k]
+        results[query] = [(candidates[i][1], candidates[i][2], candidates[i][3], float(final[i]), float(first[i]))
+                          for i in order]
     stage2_seconds = time.perf_counter() - started
 
+    matches = {}  # (query number, rank) -> frames of the top 4 for the plots, from the shard holding each
+    if args.plot:
+        for part in gather_objects(dist, {(q, n): store.frames(position) for q, rows in enumerate(results.values())
+                                          for n, (shard, position, *_) in enumerate(rows[:4]) if shard == dist.rank}):
+            matches.update(part)
+    if dist.rank == 0:
+        write_outputs(args, manifest, results, query_frames, matches, shortlist,
+                      (embed_seconds, stage1_seconds, stage2_seconds))
+    store.close()
+
+
+def open_shard(index_dir, manifest, dist):
+    """This rank's (frame store, FAISS index): the whole index in one process,
+    shard `rank` of a sharded index under horovodrun with one rank per shard."""
+    shards = manifest.get("shards")
+    if (shards or 1) != dist.size:
+        agree(dist, f"{index_dir}: has {shards} shards: search it with horovodrun -np {shards} python search.py ..."
+              if shards else f"{index_dir}: is not sharded: search it with one process (python search.py, "
+              f"not {dist.size} ranks)")
+    directory = index_store.shard_dir(index_dir, dist.rank) if shards else index_dir
+    expected = manifest["shard_videos"][dist.rank] if shards else manifest["videos"]
+    error, store, index = None, None, None
+    try:
+        store = index_store.FrameStore(directory)
+        if len(store.ids) != expected:
+            raise UserError(f"{directory}: the frame store holds {len(store.ids):,} videos, the manifest "
+                            f"{expected:,} (parts missing?)")
+        index = index_store.read_faiss(directory)
+        if index.ntotal != len(store.ids):
+            raise UserError(f"{directory}: index.faiss holds {index.ntotal:,} videos, the frame store "
+                            f"{len(store.ids):,}")
+    except UserError as e:
+        error = str(e)
+    agree(dist, error)
+    return store, index
+
+
+def load_index_model(index_dir, manifest, device):
+    """The index's copy of the checkpoint, checked against the manifest."""
+    model_path = os.path.join(index_dir, index_store.MODEL_FILE)
+    if not os.path.isfile(model_path) or index_store.sha256(model_path) != manifest["settings"]["model_sha256"]:
+        raise UserError(f"{model_path}: missing or not the checkpoint the index was made with")
+    return load_model(model_path, {}, device)
+
+
+def global_shortlists(dist, store, index, embeddings, shortlist):
+    """Per query, its TCA_c top `shortlist` over every shard, best first, as
+    [(stage-1 score, shard, position in the shard, id)]: each shard's own top
+    `shortlist` holds every video of the global one that it holds."""
+    rows = [[] for _ in range(len(embeddings))]
+    if index.ntotal:
+        coarse, positions = index.search(embeddings, min(shortlist, index.ntotal))  # -1: fewer found
+        rows = [[(float(s), dist.rank, int(p), store.ids[p]) for s, p in zip(coarse[q], positions[q]) if p >= 0]
+                for q in range(len(embeddings))]
+    merged = [sum(per_query, []) for per_query in zip(*gather_objects(dist, rows))]
+    # stable: equal scores keep shard order, then each shard's own order
+    return [sorted(candidates, key=lambda c: -c[0])[:shortlist] for candidates in merged]
+
+
+def write_outputs(args, manifest, results, query_frames, matches, shortlist, seconds):
+    """Rank 0: the printed results, --json_out and --plot."""
     for query, rows in results.items():
         print(f"query {query}:")
         print(f"  {'rank':>4}  {'score':>8}  {'stage 1':>8}  id")
-        for rank, (position, score, first) in enumerate(rows, 1):
-            print(f"  {rank:>4}  {score:8.4f}  {first:8.4f}  {store.ids[position]}")
-    print(f"{len(ids)} queries: embedding {embed_seconds:.3f} s, stage 1 (TCA_c top-{shortlist}, "
+        for rank, (_, _, video, score, first) in enumerate(rows, 1):
+            print(f"  {rank:>4}  {score:8.4f}  {first:8.4f}  {video}")
+    embed_seconds, stage1_seconds, stage2_seconds = seconds
+    print(f"{len(results)} queries: embedding {embed_seconds:.3f} s, stage 1 (TCA_c top-{shortlist}, "
           f"{manifest['index_factory']}) {stage1_seconds:.3f} s, stage 2 ({args.rerank}) {stage2_seconds:.3f} s")
     if args.json_out:
         with atomic_path(args.json_out) as tmp, open(tmp, "w") as f:
-            json.dump({query: {store.ids[p]: s for p, s, _ in rows} for query, rows in results.items()}, f)
+            json.dump({query: {video: score for _, _, video, score, _ in rows} for query, rows in results.items()}, f)
         print(f"wrote {args.json_out}")
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
         for q, (query, rows) in enumerate(results.items()):
             # a video file's plot is named after the file, an id's after the id ('/' -> '_')
             name = (os.path.basename(query) if os.path.isfile(query) else query).replace(os.sep, "_") + ".png"
-            plot_matches(os.path.join(args.plot, name), query, query_frames[q], [(p, s) for p, s, _ in rows[:4]],
-                         store)
+            plot_matches(os.path.join(args.plot, name), query, query_frames[q],
+                         [(video, matches[q, n], score) for n, (_, _, video, score, _) in enumerate(rows[:4])])
         print(f"wrote {len(results)} plots to {args.plot}")
-    store.close()
 
 
 if __name__ == "__main__":

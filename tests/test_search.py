@@ -122,8 +122,8 @@ def test_json_out_evaluates_with_evaluation_similarities(case, capsys, tmp_path)
     assert "DSVR" in out
 
 
-def test_killed_build_resumes_to_the_same_index(case, capsys, tmp_path, monkeypatch):
-    build(case, capsys, tmp_path / "clean", "--frames_per_batch", 40)  # the same batches: the same rounding
+def killed_after_two_parts(case, capsys, index_dir, monkeypatch, *extra):
+    """index.py on the database, killed (as by Ctrl-C) after writing two parts."""
     written = []
     real_write_part = index_store.write_part
 
@@ -134,10 +134,15 @@ def test_killed_build_resumes_to_the_same_index(case, capsys, tmp_path, monkeypa
         return written[-1]
     monkeypatch.setattr(index_store, "write_part", killed_after_two)
     status, _, _ = run(index, ["--model_path", case / "model.pth", "--feature_path", case / "database.h5",
-                               "--index_dir", tmp_path / "killed", "--padding_size", 10, "--device", "cpu",
-                               "--checkpoint_every", 0, "--frames_per_batch", 40], capsys)
+                               "--index_dir", index_dir, "--padding_size", 10, "--device", "cpu",
+                               "--checkpoint_every", 0, "--frames_per_batch", 40, *extra], capsys)
     assert status == 130
     monkeypatch.setattr(index_store, "write_part", real_write_part)
+
+
+def test_killed_build_resumes_to_the_same_index(case, capsys, tmp_path, monkeypatch):
+    build(case, capsys, tmp_path / "clean", "--frames_per_batch", 40)  # the same batches: the same rounding
+    killed_after_two_parts(case, capsys, tmp_path / "killed", monkeypatch)
     assert len(index_store.part_paths(tmp_path / "killed")) == 2
     assert not (tmp_path / "killed" / "index.faiss").exists()
     status, _, err = run(search, ["--index_dir", tmp_path / "killed", "--query_ids", "a"], capsys)
@@ -264,21 +269,26 @@ def test_a_video_file_query_equals_its_extracted_features(case, capsys, tmp_path
     assert not (tmp_path / "b.json").exists()
 
 
-def test_two_horovod_ranks_build_the_index_of_one_process(case, capsys, tmp_path):
+def horovod(script, *args, np_=2):
+    """Run an entry point under horovodrun --gloo on this host: (status, stdout without rank prefixes, stderr)."""
     import re
     import subprocess
-    build(case, capsys, tmp_path / "one", "--frame_dtype", "float32")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
-                           os.path.join(root, "index.py"), "--model_path", str(case / "model.pth"), "--feature_path",
-                           str(case / "database.h5"), "--index_dir", str(tmp_path / "two"), "--padding_size", "10",
-                           "--frame_dtype", "float32", "--device", "cpu"],
+    proc = subprocess.run([horovodrun, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", sys.executable,
+                           os.path.join(root, script), *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=300, cwd=root)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stdout = re.sub(r"^\[\d+\]<stdout>:", "", proc.stdout, flags=re.M)
-    assert "on 2 ranks" in stdout and "holds 8 videos" in stdout
+    return proc.returncode, re.sub(r"^\[\d+\]<std(out|err)>:", "", proc.stdout, flags=re.M), proc.stderr
+
+
+def test_two_horovod_ranks_build_the_index_of_one_process(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "one", "--frame_dtype", "float32")
+    status, out, err = horovod("index.py", "--model_path", case / "model.pth", "--feature_path", case / "database.h5",
+                               "--index_dir", tmp_path / "two", "--padding_size", 10, "--frame_dtype", "float32",
+                               "--device", "cpu")
+    assert status == 0, out[-3000:] + err[-3000:]
+    assert "on 2 ranks" in out and "holds 8 videos" in out
     ranks = {os.path.basename(p).split("-")[2] for p in index_store.part_paths(tmp_path / "two")}
     assert ranks == {"0000", "0001"}  # each rank wrote its share
     one, two = index_store.FrameStore(tmp_path / "one"), index_store.FrameStore(tmp_path / "two")
@@ -310,3 +320,84 @@ def test_one_writer_at_a_time(case, capsys, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_two_shards_search_as_one_index(case, capsys, tmp_path):
+    build(case, capsys, tmp_path / "one", "--frame_dtype", "float32")
+    common = ["--model_path", case / "model.pth", "--padding_size", 10, "--frame_dtype", "float32",
+              "--device", "cpu", "--index_dir", tmp_path / "two", "--shards"]
+    status, out, err = horovod("index.py", *common, "--feature_path", case / "database.h5")
+    assert status == 0, out[-3000:] + err[-3000:]
+    assert "holds 8 videos" in out and "in 2 shards" in out
+    shards = [index_store.FrameStore(index_store.shard_dir(tmp_path / "two", r)) for r in range(2)]
+    assert sorted(shards[0].ids + shards[1].ids) == sorted(DATABASE) and shards[0].ids and shards[1].ids
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["shards"] == 2
+    for extra in (["--shortlist", 3, "--k", 3], ["--rerank", "none", "--k", 8]):
+        by_one, _ = search_json(case, capsys, tmp_path / "one", tmp_path, *extra)
+        status, out, err = horovod("search.py", "--index_dir", tmp_path / "two", "--query_features",
+                                   case / "queries.h5", "--device", "cpu", "--json_out", tmp_path / "two.json", *extra)
+        assert status == 0, out[-3000:] + err[-3000:]
+        assert out.count("query q1:") == 1  # rank 0 alone prints
+        by_two = json.loads((tmp_path / "two.json").read_text())
+        assert by_one.keys() == by_two.keys() == {"q1", "q2"}
+        for q in by_one:
+            assert list(by_one[q]) == list(by_two[q])
+            np.testing.assert_allclose(list(by_one[q].values()), list(by_two[q].values()), atol=1e-6)
+    # another number of ranks than shards: one line naming the launcher
+    status, _, err = run(search, ["--index_dir", tmp_path / "two", "--query_ids", "a"], capsys)
+    assert status == 2 and err == f"error: {tmp_path / 'two'}: has 2 shards: search it with horovodrun -np 2 " \
+        "python search.py ...\n"
+    status, _, err = run(index, [*common, "--feature_path", case / "queries.h5", "--add"], capsys)
+    assert status == 2 and "has 2 shards; run it with horovodrun -np 2, not 1 ranks" in err
+    # --add on 2 ranks: the new videos go to the shards, the index ids of an index video query come from its shard
+    status, out, err = horovod("index.py", *common, "--feature_path", case / "queries.h5", "--add")
+    assert status == 0 and "holds 10 videos" in out, out[-3000:] + err[-3000:]
+    status, out, err = horovod("search.py", "--index_dir", tmp_path / "two", "--query_ids", "q1,a", "--k", 2,
+                               "--device", "cpu", "--json_out", tmp_path / "add.json", "--plot", tmp_path / "plots")
+    assert status == 0, out[-3000:] + err[-3000:]
+    added = json.loads((tmp_path / "add.json").read_text())
+    assert list(added["q1"])[0] == "q1" and set(added["a"]) == {"a", "q1"}
+    assert all((tmp_path / "plots" / f"{v}.png").read_bytes()[:4] == b"\x89PNG" for v in ("q1", "a"))
+
+
+def test_ivf_shards_share_one_quantizer(case, capsys, tmp_path):
+    import faiss
+    build(case, capsys, tmp_path / "one", "--frame_dtype", "float32")
+    status, out, err = horovod("index.py", "--model_path", case / "model.pth", "--feature_path", case / "database.h5",
+                               "--padding_size", 10, "--frame_dtype", "float32", "--device", "cpu", "--index_dir",
+                               tmp_path / "two", "--shards", "--index_factory", "IVF2,Flat")
+    assert status == 0, out[-3000:] + err[-3000:]
+    assert "training IVF2,Flat on 8 of 8 embeddings" in out
+    indexes = [index_store.read_faiss(d, name) for d, name in
+               ((tmp_path / "two", index_store.QUANTIZER_FILE),
+                (index_store.shard_dir(tmp_path / "two", 0), index_store.FAISS_FILE),
+                (index_store.shard_dir(tmp_path / "two", 1), index_store.FAISS_FILE))]
+    # (the index must outlive its quantizer's use: FAISS frees it with the index)
+    centroids = [faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, 2) for index in indexes]
+    assert [index.ntotal for index in indexes[1:]] != [0, 0] and sum(index.ntotal for index in indexes) == 8
+    np.testing.assert_array_equal(centroids[0], centroids[1])
+    np.testing.assert_array_equal(centroids[0], centroids[2])
+    # every list probed: exact, so the sharded IVF search is the one Flat index's
+    by_one, _ = search_json(case, capsys, tmp_path / "one", tmp_path, "--k", 8, "--shortlist", 4)
+    status, out, err = horovod("search.py", "--index_dir", tmp_path / "two", "--query_features", case / "queries.h5",
+                               "--device", "cpu", "--json_out", tmp_path / "two.json", "--k", 8, "--shortlist", 4,
+                               "--nprobe", 2)
+    assert status == 0, out[-3000:] + err[-3000:]
+    by_two = json.loads((tmp_path / "two.json").read_text())
+    for q in by_one:
+        assert list(by_one[q]) == list(by_two[q])
+        np.testing.assert_allclose(list(by_one[q].values()), list(by_two[q].values()), atol=1e-6)
+
+
+def test_killed_sharded_build_resumes(case, capsys, tmp_path, monkeypatch):
+    common = ["--model_path", case / "model.pth", "--feature_path", case / "database.h5", "--padding_size", 10,
+              "--device", "cpu", "--checkpoint_every", 0, "--frames_per_batch", 40, "--shards"]
+    build(case, capsys, tmp_path / "clean", "--frames_per_batch", 40)
+    killed_after_two_parts(case, capsys, tmp_path / "killed", monkeypatch, "--shards")
+    shard = index_store.shard_dir(tmp_path / "killed", 0)
+    assert len(index_store.part_paths(shard)) == 2
+    status, out, err = run(index, [*common, "--index_dir", tmp_path / "killed"], capsys)
+    assert status == 0 and "are already indexed" in out and "holds 8 videos, 138 frames in 1 shards" in out, err
+    assert sorted(index_store.FrameStore(shard).ids) == sorted(DATABASE)
+    assert search_json(case, capsys, tmp_path / "clean", tmp_path)[0] == \
+        search_json(case, capsys, tmp_path / "killed", tmp_path)[0]
