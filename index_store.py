@@ -153,14 +153,15 @@ def write_part(index_dir, ids, embeddings, frames, frame_dtype, round_number, ra
     """Part `number` of (round, rank): `ids` (n,), `embeddings` (n, C), frames [(T_i, C)]."""
     path = os.path.join(index_dir, "parts", f"part-{round_number:06d}-{rank:04d}-{number:06d}.h5")
     offsets = np.cumsum([0] + [len(f) for f in frames]).astype(np.int64)
-    # built in memory and written by Python: a full disk is one OSError, no partial file
+    # built in memory and written by Python: a full disk is one OSError, no partial file. The numbers carry
+    # HDF5's Fletcher-32 checksum, as extraction's outputs do: a damaged byte reads as an error naming the video
     image = io.BytesIO()
     with h5py.File(image, "w") as f:
         f["ids"] = np.array(ids, dtype=object)
-        f["embeddings"] = np.asarray(embeddings, dtype=np.float32)
-        f["offsets"] = offsets
+        f.create_dataset("embeddings", data=np.asarray(embeddings, dtype=np.float32), fletcher32=True)
+        f.create_dataset("offsets", data=offsets, fletcher32=True)
         # chunks of 64 frames: a shortlist reads a video's slice, not the part
-        f.create_dataset("frames", data=np.concatenate(frames).astype(frame_dtype),
+        f.create_dataset("frames", data=np.concatenate(frames).astype(frame_dtype), fletcher32=True,
                          chunks=(min(64, int(offsets[-1])), frames[0].shape[1]))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

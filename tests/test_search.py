@@ -4,6 +4,7 @@ and anything made with other settings is refused in one line."""
 import json
 import os
 import pickle
+import re
 import sys
 
 import h5py
@@ -401,3 +402,21 @@ def test_killed_sharded_build_resumes(case, capsys, tmp_path, monkeypatch):
     assert sorted(index_store.FrameStore(shard).ids) == sorted(DATABASE)
     assert search_json(case, capsys, tmp_path / "clean", tmp_path)[0] == \
         search_json(case, capsys, tmp_path / "killed", tmp_path)[0]
+
+
+def test_a_damaged_frame_store_byte_is_one_line_naming_the_video(case, capsys, tmp_path):
+    """The frame store's numbers carry Fletcher-32: a flipped byte is an error naming part and video."""
+    import h5py
+    build(case, capsys, tmp_path / "idx")
+    part = sorted((tmp_path / "idx").rglob("part-*.h5"))[0]
+    with h5py.File(part, "r") as f:
+        at = f["frames"].id.get_chunk_info(0).byte_offset  # the first 64 frames: of the part's first videos
+    data = bytearray(part.read_bytes())
+    data[at + 5] ^= 0xFF
+    part.write_bytes(bytes(data))
+    status, out, err = run(search, ["--index_dir", tmp_path / "idx", "--query_features", case / "queries.h5",
+                                    "--shortlist", 100, "--device", "cpu", "--json_out", tmp_path / "r.json"], capsys)
+    assert status == 2 and "Traceback" not in err
+    assert re.fullmatch(rf"error: {re.escape(str(part))}: video \w+: damaged HDF5 file \(.*filter returned failure.*\)",
+                        err.splitlines()[-1]), err
+    assert not (tmp_path / "r.json").exists()
