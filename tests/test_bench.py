@@ -101,7 +101,9 @@ def test_quick_run_reports_every_section(tmp_path, annotation_dir):
 def test_gpu_check_without_a_gpu_is_one_line():
     """`make gpu-check` where CUDA is absent (hidden here): one line, no
     traceback, exit 0 (-o: do not re-run the installer from the test)."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    # as typed at a shell: under `make test` the inherited MAKELEVEL makes the inner make announce its directory
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
     result = subprocess.run(["make", "-o", ".venv/.installed", "gpu-check", f"PY={sys.executable}"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=120)
     lines = (result.stdout + result.stderr).strip().splitlines()
