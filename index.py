@@ -73,10 +73,10 @@ def get_args_parser():
                              "index for video-file queries, and checked against the hash the features record")
     parser.add_argument("--index_dir", required=True, help="Folder of the index (made if missing)")
     parser.add_argument("--index_factory", default=None,
-                        help="FAISS index_factory string of the first stage, e.g. Flat (exact), IVF1024,PQ128, "
+                        help="FAISS index_factory string of the first stage, e.g. Flat (exact), IVF4096,PQ256x4fs, "
                              f"HNSW32 (default: by collection size, Flat up to {index_store.EXACT_UP_TO:,} videos, "
-                             "else IVF1024,PQ128; bench/NOTES.md 'Choosing the index'). Fixed when the index is first "
-                             "built; --add keeps it")
+                             "else IVF4096,PQ256x4fs for 1024-d: 128-byte fast-scan codes; bench/NOTES.md 'Choosing "
+                             "the index'). Fixed when the index is first built; --add keeps it")
     parser.add_argument("--padding_size", type=int, default=PADDING_SIZE,
                         help="Encode videos in chunks of at most this many frames, as evaluation.py "
                              "(0: whole); recorded, and used for every query (default: %(default)s)")
@@ -91,7 +91,7 @@ def get_args_parser():
                              "(default: %(default)s)")
     parser.add_argument("--frames_per_batch", type=int, default=FRAMES_PER_BATCH,
                         help="Padded frames encoded per forward pass, bounds memory (default: %(default)s)")
-    parser.add_argument("--train_size", type=int, default=100_000,
+    parser.add_argument("--train_size", type=int, default=index_store.TRAIN_SIZE,
                         help="Embeddings (evenly spaced over the collection) that train an IVF/PQ index "
                              "(default: %(default)s)")
     parser.add_argument("--shards", action="store_true",
@@ -206,7 +206,8 @@ def finish(args, manifest):
     store = index_store.FrameStore(args.index_dir)
     if not store.ids:
         raise UserError(f"{args.feature_path}: no video with frames to index")
-    factory = manifest.get("index_factory") or args.index_factory or index_store.default_factory(len(store.ids))
+    factory = (manifest.get("index_factory") or args.index_factory
+               or index_store.default_factory(len(store.ids), store.part_embeddings(0).shape[1]))
     index = build_faiss(args.index_dir, store, factory, args.train_size)
     frames = int(sum(store.frames_count(i) for i in range(len(store.paths))))
     store.close()
@@ -214,6 +215,21 @@ def finish(args, manifest):
                     parts=len(store.paths), default_nprobe=index_store.DEFAULT_NPROBE)
     index_store.write_manifest(args.index_dir, manifest)
     return int(index.ntotal), frames, factory
+
+
+def gather_to_rank0(dist, value, name):
+    """[value of rank 0, value of rank 1, ...] on rank 0, None on the others:
+    one broadcast per rank, so that a rank holds its own value and one other
+    at a time, never every rank's (as utils.gather_objects would)."""
+    if dist.size == 1:
+        return [value]
+    values = []
+    for root in range(dist.size):
+        got = dist.hvd.broadcast_object(value if dist.rank == root else None, root_rank=root, name=f"{name}.{root}")
+        if dist.rank == 0:
+            values.append(got)
+        del got
+    return values if dist.rank == 0 else None
 
 
 def finish_shard(args, manifest, dist):
@@ -231,7 +247,7 @@ def finish_shard(args, manifest, dist):
     counts, channels = zip(*gather_objects(dist, (count, channels)))
     total, channels = sum(counts), next((c for c in channels if c is not None), None)
     agree(dist, None if total else f"{args.feature_path or args.video_list}: no video with frames to index")
-    factory = manifest.get("index_factory") or args.index_factory or index_store.default_factory(total)
+    factory = manifest.get("index_factory") or args.index_factory or index_store.default_factory(total, channels)
     template_path = os.path.join(args.index_dir, index_store.QUANTIZER_FILE)
     train = on_rank0(dist, lambda: not os.path.isfile(template_path)
                      and not index_store.new_faiss_index(factory, channels).is_trained)
@@ -239,7 +255,9 @@ def finish_shard(args, manifest, dist):
     if train and count:  # this shard's share of the training sample, evenly spaced
         rows = np.linspace(0, count - 1, max(1, min(count, args.train_size * count // total))).astype(np.int64)
         sample = store.embeddings(rows)
-    samples = gather_objects(dist, sample) if train else []
+    # to rank 0 alone, a rank's share at a time (160,000 x 1024 float32 is 655 MB)
+    samples = gather_to_rank0(dist, sample, "index.train_sample") if train else None
+    sample = None
 
     def template():
         if os.path.isfile(template_path):

@@ -47,21 +47,24 @@ PART_PATTERN = re.compile(r"part-(\d{6})-(\d{4})-(\d{6})\.h5")
 FORMAT = 1  # of this layout, in the manifest
 
 # The first-stage index by collection size (bench/NOTES.md, "Choosing the
-# index"): exact inner product up to the size measured (2x10^5: ~0.1 s/query,
-# small next to re-ranking 1000 videos), then an inverted file with 128-byte
-# PQ codes (162 B/video resident vs 4 KB) at nprobe 256, which kept 98.7% of
-# exact's re-scored mAP on the clustered set (nprobe 16 and 64: 90%, 95%).
+# index"; bench/index.py measures it at 10^6): exact inner product up to
+# EXACT_UP_TO videos (<= 0.1 s/query, small next to re-ranking a shortlist),
+# then an inverted file of 4096 lists with FAISS's fast-scan PQ: 4-bit codes of
+# 4-d sub-vectors (C / 8 bytes, 128 B for 1024-d), scanned with SIMD, searched
+# at DEFAULT_NPROBE lists. 16384 lists beyond 4x10^6 videos is FAISS's
+# guideline (4..16 sqrt(N) lists), not measured here.
 EXACT_UP_TO = 200_000
 DEFAULT_NPROBE = 256
+TRAIN_SIZE = 160_000  # embeddings an IVF/PQ index trains on: 39 per list of 4096 (FAISS's minimum)
 
 
-def default_factory(count):
-    """The FAISS index_factory string for a collection of `count` videos."""
-    if count <= EXACT_UP_TO:
+def default_factory(count, channels=1024):
+    """The FAISS index_factory string for a collection of `count` videos of
+    `channels`-d embeddings (exact where `channels` has no 4-d sub-vectors)."""
+    if count <= EXACT_UP_TO or channels % 4:
         return "Flat"
-    # ~sqrt(N) lists (FAISS's guideline 4..16 sqrt(N)), at least 39 training points per list
-    nlist = 1024 if count <= 2_000_000 else 4096
-    return f"IVF{nlist},PQ128"
+    nlist = 4096 if count <= 4_000_000 else 16384
+    return f"IVF{nlist},PQ{channels // 4}x4fs"
 
 
 def shard_dir(index_dir, shard):
@@ -244,10 +247,12 @@ def new_faiss_index(factory, channels):
     except RuntimeError as e:
         raise UserError(f"--index_factory {factory}: FAISS cannot build it ({str(e).splitlines()[0]})") from None
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and hasattr(faiss.downcast_index(ivf), "pq"):
+    pq = getattr(faiss.downcast_index(ivf), "pq", None) if ivf is not None else None
+    if pq is not None and pq.nbits == 8:
         # 64 training points per code (FAISS's default: 256): training 128
-        # sub-quantizers took 475 s at 256 on 2 cores (bench/NOTES.md)
-        faiss.downcast_index(ivf).pq.cp.max_points_per_centroid = 64
+        # 8-bit sub-quantizers took 475 s at 256 on 2 cores (bench/NOTES.md);
+        # 4-bit ones (16 codes each) train in seconds at the default
+        pq.cp.max_points_per_centroid = 64
     return index
 
 

@@ -487,6 +487,10 @@ def evaluate_model(model, benchmark, feature_path, metrics=("cosine",), padding_
 # Added to a shortlisted video's frame-level score so it ranks above every
 # video outside the shortlist, whose cosine is at most 1 (a chamfer is >= -1).
 SHORTLIST_OFFSET = 3.0
+# search.py's --shortlist: the smallest K that kept >= 99% of exhaustive TCA_f
+# mAP on every task of the demo benchmark (bench/NOTES.md, 'Coarse to fine';
+# bench/shortlist.py measures it again)
+DEFAULT_SHORTLIST = 50
 
 
 def frame_scores(query_frames, videos, metric, device="cpu", frames_per_batch=FRAMES_PER_BATCH):

