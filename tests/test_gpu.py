@@ -94,6 +94,34 @@ def test_evaluation_metric_all_on_cuda_equals_cpu(tmp_path):
             assert results["cuda"][metric][key] == pytest.approx(value, abs=1e-6), (metric, key)
 
 
+def test_index_and_search_on_cuda_equal_cpu(tmp_path):
+    """index.py and search.py --device cuda (TCA on the GPU; FAISS and the
+    frame store on the CPU): the same shortlists and scores as on the CPU."""
+    rng = np.random.default_rng(0)
+    videos = {f"v{i}": rng.standard_normal((int(rng.integers(3, 40)), C)).astype(np.float32) for i in range(24)}
+    for name, ids in (("database", list(videos)), ("queries", ["v0", "v5"])):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f.attrs.update({"fps": 1.0, "weights": "random:seed0", "components": C, "pca_params": "none"})
+            for v in ids:
+                f[v] = videos[v]
+    torch.manual_seed(0)
+    torch.save({"model": build_model("tca", feature_size=C).state_dict(),
+                "model_args": {"aggregator": "tca", "feature_size": C}}, tmp_path / "model.pth")
+    results = {}
+    for device in ("cpu", "cuda"):
+        run([PYTHON, "index.py", "--model_path", str(tmp_path / "model.pth"), "--feature_path",
+             str(tmp_path / "database.h5"), "--index_dir", str(tmp_path / f"idx-{device}"), "--frame_dtype",
+             "float32", "--device", device])
+        run([PYTHON, "search.py", "--index_dir", str(tmp_path / f"idx-{device}"), "--query_features",
+             str(tmp_path / "queries.h5"), "--k", "24", "--shortlist", "10", "--device", device, "--json_out",
+             str(tmp_path / f"{device}.json")])
+        with open(tmp_path / f"{device}.json") as f:
+            results[device] = json.load(f)
+    for query, ranked in results["cpu"].items():
+        assert list(results["cuda"][query]) == list(ranked), query
+        np.testing.assert_allclose(list(results["cuda"][query].values()), list(ranked.values()), atol=MODEL_ATOL)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_horovodrun_training_step_with_nccl(tmp_path, workers):
     if workers > torch.cuda.device_count():
