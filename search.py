@@ -199,10 +199,15 @@ def main():
         if os.path.exists(args.plot) and not os.path.isdir(args.plot):
             raise UserError(f"{args.plot}: exists and is not a folder")
         check_writable(os.path.join(args.plot, "probe.png"))
-    manifest = index_store.read_manifest(args.index_dir)
-    if not manifest.get("complete"):
-        raise UserError(f"{args.index_dir}: unfinished (index.py was stopped): run the same index.py command again")
     dist = init_distributed()
+
+    def finished_manifest():  # rank 0's: a rank of another host needs only its shard's folder
+        manifest = index_store.read_manifest(args.index_dir)
+        if not manifest.get("complete"):
+            raise UserError(f"{args.index_dir}: unfinished (index.py was stopped): run the same index.py command "
+                            "again")
+        return manifest
+    manifest = on_rank0(dist, finished_manifest)
     store, index = open_shard(args.index_dir, manifest, dist)
     device = local_device(dist, args.device)
     known = None
