@@ -51,10 +51,13 @@ FORMAT = 1  # of this layout, in the manifest
 # EXACT_UP_TO videos (<= 0.1 s/query, small next to re-ranking a shortlist),
 # then an inverted file of 4096 lists with FAISS's fast-scan PQ: 4-bit codes of
 # 4-d sub-vectors (C / 8 bytes, 128 B for 1024-d), scanned with SIMD, searched
-# at DEFAULT_NPROBE lists. 16384 lists beyond 4x10^6 videos is FAISS's
-# guideline (4..16 sqrt(N) lists), not measured here.
+# at DEFAULT_NPROBE lists. At 10^6 (161 B/video) nprobe 64, 256 and 1024 all kept
+# every planted copy of the clustered set at 224x, 146x and 67x exact's speed;
+# on the isotropic worst case 1024 kept 96% of the copies at cosine 0.71 (256:
+# 90%, 64: 70%) for ~1.4-2 ms a query, nothing next to stage 2's seconds. 16384
+# lists beyond 4x10^6 videos is FAISS's guideline (4..16 sqrt(N)), unmeasured.
 EXACT_UP_TO = 200_000
-DEFAULT_NPROBE = 256
+DEFAULT_NPROBE = 1024
 TRAIN_SIZE = 160_000  # embeddings an IVF/PQ index trains on: 39 per list of 4096 (FAISS's minimum)
 
 
@@ -178,7 +181,7 @@ class FrameStore:
 
     def __init__(self, index_dir):
         self.paths = part_paths(index_dir)
-        self._files = {}
+        self._files, self._parts = {}, {}
         ids, sizes = [], []
         for path in self.paths:
             with hdf5_errors(path):
@@ -210,13 +213,26 @@ class FrameStore:
                 rows.append(self._file(path)["embeddings"][row])
         return np.stack(rows).astype(np.float32)
 
-    def frames(self, position):
-        """(T, C) float32 frame embeddings of the video at `position`."""
+    def frames(self, position, dtype=np.float32):
+        """(T, C) frame embeddings of the video at `position`, as `dtype`
+        (None: as stored, float16 by default; frame_scores converts them as
+        it pads them, one pass instead of two)."""
         path, row = self._locate(position)
         with hdf5_errors(path, self.ids[position]):
-            part = self._file(path)
-            start, stop = part["offsets"][row:row + 2]
-            return np.asarray(part["frames"][start:stop], dtype=np.float32)
+            if path not in self._parts:  # a part's offsets are read once (8 bytes a video)
+                part = self._file(path)
+                self._parts[path] = (part["offsets"][()], part["frames"])
+            offsets, frames = self._parts[path]
+            stored = frames[offsets[row]:offsets[row + 1]]
+            return stored if dtype is None else np.asarray(stored, dtype=dtype)
+
+    def shortlist_frames(self, positions, dtype=None):
+        """frames() of each of `positions`, read in storage order (neighbours
+        share HDF5 chunks), returned in the order given."""
+        videos = [None] * len(positions)
+        for i in np.argsort(positions, kind="stable"):
+            videos[i] = self.frames(positions[i], dtype)
+        return videos
 
     def part_embeddings(self, number):
         """(n, C) float32 embeddings of part `number` (0-based)."""
@@ -233,7 +249,7 @@ class FrameStore:
     def close(self):
         for f in self._files.values():
             f.close()
-        self._files = {}
+        self._files, self._parts = {}, {}
 
 
 # --------------------------------------------------------------------------

@@ -237,8 +237,8 @@ def main():
         for q, candidates in enumerate(shortlists):
             places = [i for i, (_, shard, _, _) in enumerate(candidates[:shortlist]) if shard == dist.rank]
             if places:
-                found = frame_scores(query_frames[q], [store.frames(candidates[i][2]) for i in places], args.rerank,
-                                     device)
+                videos = store.shortlist_frames([candidates[i][2] for i in places])
+                found = frame_scores(query_frames[q], videos, args.rerank, device)
                 mine.update({(q, i): float(score) for i, score in zip(places, found)})
         for part in gather_objects(dist, mine):
             scores.update(part)

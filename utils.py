@@ -128,7 +128,7 @@ def pad_sequences(sequences, max_frames=None, dtype=None, device=None):
     num_frames = torch.zeros(len(tensors), dtype=torch.long, device=device)
     for i, t in enumerate(tensors):
         length = min(t.shape[0], max_frames)
-        padded[i, :length] = t[:length].to(dtype=dtype, device=device)
+        padded[i, :length].copy_(t[:length])  # converts (float16 frames) and moves in one pass
         num_frames[i] = length
     return padded, num_frames
 

@@ -234,7 +234,7 @@ def rerank_cost(size, channels):
             read, score = [], []
             for _ in range(r["queries"]):
                 start = time.perf_counter()
-                videos = [store.frames(p) for p in positions]
+                videos = store.shortlist_frames(positions)  # as search.py reads them
                 read.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 frame_scores(query, videos, "chamfer")
@@ -288,7 +288,7 @@ def run(size):
             index = build(factory, collection, size["train_size"])
             entry = {"build_seconds": time.perf_counter() - started,
                      "bytes_per_video": len(faiss.serialize_index(index)) / index.ntotal}
-            entry["bytes"] = summary([entry["bytes_per_video"]])
+            entry["bytes"] = summary([entry["bytes_per_video"]], "B")
             space = faiss.ParameterSpace()
 
             def search_at(value):

@@ -110,7 +110,7 @@ def run(size):
         store = index_store.FrameStore(store_dir)
 
         def rerank(count):
-            return frame_scores(query_frames, [store.frames(p) for p in range(count)], "chamfer")
+            return frame_scores(query_frames, store.shortlist_frames(list(range(count))), "chamfer")
 
         contenders = {"decode": lambda: video.decode_frames(path, fps=1.0),
                       "CNN": lambda: cnn_features(frames),

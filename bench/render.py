@@ -28,7 +28,12 @@ def conditions(results, meta):
         f"- 1-minute load average at the start → end of each section: {sections}",
         "- fp32 everywhere except the extraction modes named bf16; no GPU",
         "- every figure: median [min–max] of the repeats; ratios are taken within a round "
-        "(contenders run back to back), then summarised\n",
+        "(contenders run back to back), then summarised",
+        *(f"- section {name} comes from another run (`--merge`): {m['date']}, commit {m['commit']}, {m['cpu']}"
+          + (", QUICK sizes" if m.get("quick") else "")
+          for name, m in ((k, v.get("measured")) for k, v in results.items() if isinstance(v, dict))
+          if m and m["date"] != meta["date"]),
+        "",
     ]
 
 

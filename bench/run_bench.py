@@ -85,6 +85,9 @@ def get_args_parser():
                              "weights, which run at the same speed; the bf16 deviation is then indicative only)")
     parser.add_argument("--notes", default=os.path.join(REPO, "bench", "NOTES.md"),
                         help="Hand-written analysis appended to the report ('' for none)")
+    parser.add_argument("--merge", action="store_true",
+                        help="Keep the other sections' measurements already in --json (each says when, at which "
+                             "commit and on which CPU it was measured) and replace only those of --sections")
     parser.add_argument("--render_only", action="store_true",
                         help="Measure nothing: rewrite --out from the measurements already in --json "
                              "(e.g. after editing --notes or a section's render); the report says which size "
@@ -188,6 +191,18 @@ def main():
         "load_start": " / ".join(f"{x:.2f}" for x in os.getloadavg())}
     started = time.perf_counter()
     results = measure(names, sizes, args)
+    for name in names:  # where each section comes from, once sections of several runs share a file (--merge)
+        results[name]["measured"] = {k: meta[k] for k in ("date", "commit", "cpu", "quick")}
+    if args.merge and os.path.isfile(args.json):
+        try:
+            with open(args.json) as f:
+                earlier = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{args.json}: cannot read the measurements to merge with ({e})") from None
+        for name, value in earlier.items():
+            if name in SECTIONS and name not in results:
+                value.setdefault("measured", {k: earlier["meta"][k] for k in ("date", "commit", "cpu", "quick")})
+                results[name] = value
     meta["wall_seconds"] = time.perf_counter() - started
     meta["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     results["meta"] = meta
