@@ -20,8 +20,6 @@ the issue's 256-byte budget) and took 250-440 s to build 2x10^5 on 2 cores.
 """
 import gc
 import multiprocessing
-import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -29,7 +27,6 @@ import numpy as np
 from bench.common import Target, fmt, interleaved, per_round, summary, table
 import index_store
 from index_store import new_faiss_index
-from retrieval import frame_scores
 from metrics import average_precision
 
 BANDS = (0.95, 0.83, 0.71, 0.59, 0.47, 0.35)  # cosine of a planted copy to its query
@@ -42,15 +39,12 @@ CANDIDATES = (("IVF4096,PQ256x4fs", "nprobe", (64, 256, 1024)),
               ("IVF4096,SQ8", "nprobe", (256,)))
 SIZES = {"full": dict(database=1_000_000, queries=100, channels=1024, topics=2000, topic_spread=2.0,
                       copies_per_band=2, shortlist=1000, top_k=100, train_size=index_store.TRAIN_SIZE,
-                      chunk=50_000, candidates=CANDIDATES, kinds=("clustered", "isotropic"), repeats=2, shards=2,
-                      rerank=dict(videos=1000, frames=(50, 350), shortlists=(100, 1000), queries=3,
-                                  fivr_videos=225_960)),
+                      chunk=50_000, candidates=CANDIDATES, kinds=("clustered", "isotropic"), repeats=2, shards=2),
          "quick": dict(database=4000, queries=10, channels=64, topics=40, topic_spread=2.0,
                        copies_per_band=1, shortlist=100, top_k=10, train_size=4000, chunk=1500,
                        candidates=(("IVF16,PQ8x4", "nprobe", (2, 16)), ("IVF16,PQ16x4fs", "nprobe", (16,)),
                                    ("HNSW8", "efSearch", (16,))),
-                       kinds=("clustered", "isotropic"), repeats=1, shards=2,
-                       rerank=dict(videos=40, frames=(5, 20), shortlists=(10, 40), queries=2, fivr_videos=225_960))}
+                       kinds=("clustered", "isotropic"), repeats=1, shards=2)}
 # the issue's targets for index.py's default at 10^6 videos (index_store.default_factory,
 # DEFAULT_NPROBE), on the clustered set
 _DEFAULT = index_store.default_factory(SIZES["full"]["database"])
@@ -212,45 +206,6 @@ def found_by_band(collection, ids):
     return {f"{band:.2f}": float(found[:, collection.cosines == band].mean()) for band in BANDS}
 
 
-def rerank_cost(size, channels):
-    """search.py's stage 2 per query: reading a shortlist's frames from a
-    float16 frame store (index_store) and TCA_f (chamfer) over them, for each
-    shortlist size; projected to an exhaustive TCA_f of FIVR-200K from the
-    per-frame-pair rate."""
-    r = size["rerank"]
-    rng = np.random.default_rng(7)
-    lengths = rng.integers(r["frames"][0], r["frames"][1] + 1, size=r["videos"])
-    workdir = tempfile.mkdtemp(prefix="tca_rerank_")
-    try:
-        frames = [_unit(rng.standard_normal((int(t), channels))).astype(np.float32) for t in lengths]
-        index_store.write_part(workdir, [str(i) for i in range(r["videos"])], np.zeros((r["videos"], channels)),
-                               frames, "float16", 1, 0, 1)
-        del frames
-        store = index_store.FrameStore(workdir)
-        query = _unit(rng.standard_normal((int(np.mean(r["frames"])), channels))).astype(np.float32)
-        result = {"mean_frames": float(lengths.mean()), "query_frames": len(query)}
-        for shortlist in r["shortlists"]:
-            positions = rng.choice(r["videos"], size=min(shortlist, r["videos"]), replace=False)
-            read, score = [], []
-            for _ in range(r["queries"]):
-                start = time.perf_counter()
-                videos = store.shortlist_frames(positions)  # as search.py reads them
-                read.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                frame_scores(query, videos, "chamfer")
-                score.append(time.perf_counter() - start)
-            pairs = len(query) * int(lengths[positions].sum())
-            result[str(shortlist)] = {"read_seconds": summary(read, "s"), "chamfer_seconds": summary(score, "s"),
-                                      "frame_pairs": pairs}
-        largest = result[str(r["shortlists"][-1])]
-        seconds_per_pair = (largest["read_seconds"]["median"] + largest["chamfer_seconds"]["median"]) / largest["frame_pairs"]
-        result["fivr_exhaustive_seconds_per_query"] = seconds_per_pair * len(query) * lengths.mean() * r["fivr_videos"]
-        store.close()
-        return result
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
 def run(size):
     import faiss
     result = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in size.items()},
@@ -313,7 +268,6 @@ def run(size):
         result[kind] = out
         exact = stored = None
         gc.collect()
-    result["rerank"] = rerank_cost(size, size["channels"])
     return result
 
 
@@ -350,12 +304,4 @@ def render(result, meta):
                              *(f"{100 * e['found_by_band'][b]:.0f}" for b in bands), f"{e['map']:.4f}"))
         lines += [f"**{kind}**\n", *table(("index", "search", "build s", "bytes/video", "ms/query", "vs exact",
                                            *(f"% copies @{b}" for b in bands), "re-scored mAP"), rows), ""]
-    if "rerank" in result:
-        r = result["rerank"]
-        rows = [(k, f"{v['frame_pairs']:,}", fmt(v["read_seconds"]), fmt(v["chamfer_seconds"]))
-                for k, v in r.items() if isinstance(v, dict)]
-        lines += [f"**Stage 2 per query** (float16 frame store, a {r['query_frames']}-frame query, videos of "
-                  f"{r['mean_frames']:.0f} frames on average, TCA_f): an exhaustive TCA_f of FIVR-200K at the "
-                  f"same rate would take {r['fivr_exhaustive_seconds_per_query']:.0f} s per query.\n",
-                  *table(("shortlist", "frame pairs", "frame-store reads", "chamfer"), rows), ""]
     return lines

@@ -18,8 +18,9 @@ does the job; it holds its problem sizes (SIZES), the targets it is held to
   index       (index.py) search.py's first stage at 10^6 videos: exact FAISS
               search (one process, and 2 shards) vs IVF-PQ (fast-scan and
               8-bit) and IVF-SQ8 on synthetic clustered / isotropic collections
-              with planted copies: speed, bytes/video, copies kept, mAP;
-              stage 2's cost per shortlist
+              with planted copies: speed, bytes/video, copies kept, mAP
+  rerank      (rerank.py) search.py's second stage: frame-store reads and
+              chamfer for shortlists of 50, 100, 1,000 videos
   shortlist   (shortlist.py) coarse to fine on make demo's benchmark:
               evaluation.py --shortlist K against K (needs make demo's outputs)
   query       (query.py) a 60 s query video file end to end, stage by stage
@@ -59,12 +60,12 @@ sys.path.insert(1, os.path.join(REPO, "pre-processing"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench import (chamfer, common, extraction, fivr_map, index, peak, query, render, retrieval, scaling,  # noqa: E402
-                   shortlist, tca, training)
+from bench import (chamfer, common, extraction, fivr_map, index, peak, query, render, rerank, retrieval,  # noqa: E402
+                   scaling, shortlist, tca, training)
 from utils import UserError, available_cores, run_main  # noqa: E402
 
 SECTIONS = {"peak": peak, "tca": tca, "chamfer": chamfer, "retrieval": retrieval, "index": index,
-            "shortlist": shortlist, "query": query, "map": fivr_map,
+            "rerank": rerank, "shortlist": shortlist, "query": query, "map": fivr_map,
             "train": training, "extraction": extraction, "scaling": scaling}  # in the report's order
 
 
@@ -132,6 +133,7 @@ def measure(names, sizes, args):
         "chamfer": lambda size: chamfer.run(size, peak_yardstick),
         "retrieval": lambda size: retrieval.run(size, peak_yardstick),
         "index": index.run,
+        "rerank": rerank.run,
         "shortlist": shortlist.run,
         "query": query.run,
         "map": lambda size: fivr_map.run(size, args.annotation_dir, workdir),

@@ -61,8 +61,8 @@ def test_quick_run_reports_every_section(tmp_path, annotation_dir):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(results.read_text())
 
-    for section in ("peak", "tca", "chamfer", "retrieval", "index", "shortlist", "query", "map", "train", "extraction",
-                    "scaling"):
+    for section in ("peak", "tca", "chamfer", "retrieval", "index", "rerank", "shortlist", "query", "map", "train",
+                    "extraction", "scaling"):
         assert section in data and "error" not in data[section], (section, data.get(section))
     assert data["meta"]["quick"] is True
     # the project's results agree with the naive baselines they are timed against
@@ -76,6 +76,7 @@ def test_quick_run_reports_every_section(tmp_path, annotation_dir):
     assert data["index"]["clustered"]["Flat"]["sharded"]["same_shortlists"] == 1.0
     assert set(data["query"]["seconds"]) >= {"decode", "CNN", "PCA", "TCA", "stage 1", "extract (lanes)"}
     assert data["query"]["frames"] == data["query"]["video_seconds"]  # 1 fps
+    assert data["rerank"]["shortlists"]["40"]["frame_pairs"] > data["rerank"]["shortlists"]["10"]["frame_pairs"]
     assert set(data["map"]["mAP"]) == {"DSVR", "CSVR", "ISVR"}
     assert data["train"]["workers_2"]["steps_timed"] == 1  # 2 steps, the first dropped as warm-up
     assert data["extraction"]["config"]["modes"] == ["fp32"]
