@@ -57,7 +57,7 @@ def get_args_parser():
                         help="Stage 1 keeps this many videos per query for stage 2; a --k beyond it continues in "
                              "stage-1 order. The default is the smallest that kept >= 99%% of exhaustive TCA_f mAP "
                              "on the demo benchmark (bench/NOTES.md 'Coarse to fine'); a collection whose queries "
-                             "have more copies than that wants more (stage 2 costs ~8 s per 1,000 videos of ~200 "
+                             "have more copies than that wants more (stage 2 costs ~2 s per 1,000 videos of ~200 "
                              "frames on 2 cores) (default: %(default)s)")
     parser.add_argument("--rerank", default="chamfer", choices=("chamfer", "symmetric_chamfer", "none"),
                         help="Stage 2: TCA_f (chamfer), TCA_sym (symmetric_chamfer) of the shortlist, or none "

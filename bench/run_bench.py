@@ -208,9 +208,11 @@ def main():
     meta["wall_seconds"] = time.perf_counter() - started
     meta["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     results["meta"] = meta
-    results["targets"] = render.target_rows(results, SECTIONS)
     if os.path.dirname(args.json):
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:  # the measurements first: a report that fails to render loses nothing
+        json.dump(results, f, indent=1)
+    results["targets"] = render.target_rows(results, SECTIONS)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     write_report(args.out, results, args.notes)

@@ -9,7 +9,7 @@ and trained model); without them the section says so and measures nothing.
 """
 import os
 
-from bench.common import Target, table
+from bench.common import Target, summary, table
 from data import load_benchmark
 from retrieval import (DEFAULT_SHORTLIST, PADDING_SIZE, evaluate_model, evaluate_similarities, load_model,
                        shortlist_similarities)
@@ -58,7 +58,7 @@ def run(size):
     result = sweep(**paths, shortlists=size["shortlists"], metric=size["metric"], keep=size["keep"])
     result["default"] = DEFAULT_SHORTLIST
     if str(DEFAULT_SHORTLIST) in result["shortlists"]:
-        result["default_kept"] = {"median": result["shortlists"][str(DEFAULT_SHORTLIST)]["kept"]}
+        result["default_kept"] = summary([result["shortlists"][str(DEFAULT_SHORTLIST)]["kept"]])
     return result
 
 
